@@ -1,0 +1,1 @@
+"""Shared pieces of cifar-cam: data, augmentation, model, checkpoint, plots, options."""

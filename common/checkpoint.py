@@ -1,0 +1,98 @@
+"""Checkpoints: plain dicts that `torch.load(path, weights_only=True)` accepts.
+
+Keys: model (clean names), optimizer, scheduler, epoch, step, rng, config, classes, mean,
+std, history, best, argv, versions, git_commit. evaluate.py and explain.py need nothing
+else. Writes are atomic (temp file + rename), so a crash never leaves half a file.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.model import ResNet18, build_model, strip_wrapper_prefixes
+
+REQUIRED_KEYS = ("model", "classes", "mean", "std", "config")
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used: the message is one line meant for the user."""
+
+
+def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
+    """Write atomically: a reader sees the old file or the new one, never a torn one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load with `weights_only=True`; any problem becomes one `CheckpointError` line."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        if "weights_only" in str(err) or "Unsupported global" in str(err):
+            raise CheckpointError(f"{path} holds objects other than tensors and plain data; "
+                                  "refusing to unpickle it (it could run code)") from None
+        raise CheckpointError(f"{path} is not a readable checkpoint ({first[:120]})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or not a torch "
+                              f"file: {type(err).__name__})") from None
+    if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
+        raise CheckpointError(f"{path} is not a cifar-cam checkpoint (expected a dict with "
+                              f"{', '.join(REQUIRED_KEYS)})")
+    return state
+
+
+def model_from_checkpoint(state: dict[str, Any]) -> ResNet18:
+    """Rebuild the plain model (no compile, no wrappers) in eval mode."""
+    model = build_model(len(state["classes"]))
+    try:
+        model.load_state_dict(strip_wrapper_prefixes(state["model"]))
+    except RuntimeError as err:
+        raise CheckpointError(f"checkpoint weights do not fit the CIFAR ResNet-18: "
+                              f"{str(err).splitlines()[0]}") from None
+    return model.eval()
+
+
+def check_classes(state: dict[str, Any], classes: list[str], source: str) -> None:
+    """A checkpoint's outputs mean its class names: refuse data whose classes differ."""
+    if list(state["classes"]) != list(classes):
+        raise CheckpointError(f"the checkpoint's classes {list(state['classes'])} differ from the "
+                              f"data's {list(classes)} ({source})")
+
+
+def library_versions() -> dict[str, str]:
+    import lightning
+    import torchmetrics
+    import torchvision
+
+    return {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
+            "lightning": str(lightning.__version__), "torchmetrics": str(torchmetrics.__version__)}
+
+
+def git_commit() -> str:
+    """The commit of the code that trained, or '' outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5, cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() if out.returncode == 0 else ""
+    except (OSError, subprocess.TimeoutExpired):
+        return ""

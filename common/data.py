@@ -1,0 +1,293 @@
+"""One loader for every CIFAR-10 source.
+
+Every source becomes the same `Dataset`: uint8 images (N,3,32,32), int64 labels and the
+class names, in a fixed order. Sources, by what `--data` points at:
+
+- nothing: torchvision's CIFAR-10 download into ./data (the original dataset);
+- a CIFAR-10 python root (`cifar-10-batches-py`, or a folder holding it), read from the
+  documented pickle format so that small hand-made batches work too;
+- an image folder with `train/<class>/` and `test/<class>/` (one wrapper folder above is
+  allowed), read in ImageFolder order: classes sorted, files sorted;
+- a `.tar.gz` of such a folder, unpacked once into the cache.
+
+Decoded tensors are cached under `$XDG_CACHE_HOME/cifar-cam/` so the second start is fast.
+Bad data raises `DataError` with one line for the user.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# Per-channel statistics of the CIFAR-10 training set; stored in every checkpoint.
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+DEFAULT_DOWNLOAD_ROOT = "./data"
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
+CACHE_FORMAT = 1  # bump when the cached tensors' layout changes
+
+
+class DataError(Exception):
+    """Bad data: the message is one line meant for the user."""
+
+
+@dataclass
+class Dataset:
+    images: torch.Tensor  # uint8 (N,3,32,32)
+    labels: torch.Tensor  # int64 (N,)
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def select(self, index: torch.Tensor) -> "Dataset":
+        return Dataset(self.images[index], self.labels[index], self.classes)
+
+
+@dataclass
+class Splits:
+    train: Dataset
+    test: Dataset
+    source: str  # what the data came from, in words
+
+
+def cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "cifar-cam"
+
+
+def load_cifar10(data: str | None) -> Splits:
+    """Load train and test splits from `data` (see the module docstring)."""
+    if data is None:
+        return _cached(("download", os.path.abspath(DEFAULT_DOWNLOAD_ROOT)), _load_download,
+                       DEFAULT_DOWNLOAD_ROOT, cache=False)
+    path = Path(data).expanduser()
+    if not path.exists():
+        raise DataError(f"data path not found: {data}")
+    path = path.resolve()
+    if path.is_file():
+        if not path.name.endswith((".tar.gz", ".tgz")):
+            raise DataError(f"{data} is a file but not a .tar.gz of an image folder")
+        folder = _unpack_once(path)
+        return load_cifar10(str(folder))
+    pickle_root = _find_pickle_root(path)
+    if pickle_root is not None:
+        return _cached(_fingerprint(pickle_root), _load_pickle_batches, pickle_root)
+    return _cached(_fingerprint(_find_image_root(path)), _load_image_folder, _find_image_root(path))
+
+
+def _cached(key: tuple, loader, root, cache: bool = True) -> Splits:
+    """Decode once; later starts read the tensors back from the cache."""
+    digest = hashlib.sha256(repr((CACHE_FORMAT, key)).encode()).hexdigest()[:20]
+    cache_file = cache_root() / "tensors" / f"{digest}.pt"
+    if cache and cache_file.exists():
+        try:
+            blob = torch.load(cache_file, weights_only=True)
+            return Splits(Dataset(blob["train_x"], blob["train_y"], blob["classes"]),
+                          Dataset(blob["test_x"], blob["test_y"], blob["classes"]), blob["source"])
+        except Exception:
+            pass  # a damaged cache file is rebuilt below
+    splits = loader(root)
+    if cache:
+        blob = {"train_x": splits.train.images, "train_y": splits.train.labels,
+                "test_x": splits.test.images, "test_y": splits.test.labels,
+                "classes": splits.train.classes, "source": splits.source}
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
+            torch.save(blob, tmp)
+            os.replace(tmp, cache_file)
+        except OSError:
+            pass  # a read-only cache only costs speed
+    return splits
+
+
+def _fingerprint(root: Path) -> tuple:
+    """Path plus every file's name, size and mtime: a changed file invalidates the cache."""
+    entries = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            st = os.stat(os.path.join(dirpath, name))
+            entries.append((os.path.relpath(os.path.join(dirpath, name), root), st.st_size,
+                            st.st_mtime_ns))
+    return (str(root), hashlib.sha256(repr(entries).encode()).hexdigest())
+
+
+# --- torchvision download -------------------------------------------------------------
+
+def _load_download(root: str) -> Splits:
+    from torchvision.datasets import CIFAR10
+
+    try:
+        train = CIFAR10(root, train=True, download=True)
+        test = CIFAR10(root, train=False, download=True)
+    except Exception as err:  # offline, DNS failure, bad checksum...
+        reason = str(err).splitlines()[0][:100] if str(err) else type(err).__name__
+        raise DataError(
+            "could not download CIFAR-10; pass --data PATH to a cifar-10-batches-py folder, an "
+            f"image folder or a .tar.gz of one (download into {root} failed: {reason})") from None
+
+    def to_dataset(ds) -> Dataset:
+        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+        return Dataset(images, torch.tensor(ds.targets, dtype=torch.int64), list(ds.classes))
+
+    return Splits(to_dataset(train), to_dataset(test), f"torchvision CIFAR10 ({root})")
+
+
+# --- CIFAR-10 python batches ----------------------------------------------------------
+
+def _find_pickle_root(path: Path) -> Path | None:
+    for candidate in (path, path / "cifar-10-batches-py"):
+        if (candidate / "batches.meta").is_file() or (candidate / "test_batch").is_file():
+            return candidate
+    return None
+
+
+def _unpickle(path: Path) -> dict:
+    if not path.is_file():
+        raise DataError(f"missing CIFAR-10 batch file: {path}")
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="bytes")
+    except Exception:
+        raise DataError(f"not a CIFAR-10 python batch: {path}") from None
+
+
+def _load_pickle_batches(root: Path) -> Splits:
+    """Read the documented format: dicts with b'data' (N,3072 uint8) and b'labels'."""
+    meta = _unpickle(root / "batches.meta")
+    classes = [c.decode() if isinstance(c, bytes) else str(c) for c in meta[b"label_names"]]
+    train_files = sorted(root.glob("data_batch_*"))
+    if not train_files:
+        raise DataError(f"no data_batch_* files in {root}")
+
+    def read(files: list[Path]) -> Dataset:
+        xs, ys = [], []
+        for f in files:
+            batch = _unpickle(f)
+            data = np.asarray(batch[b"data"], dtype=np.uint8)
+            if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+                raise DataError(f"{f}: images are not 3x32x32")
+            xs.append(data.reshape(-1, 3, 32, 32))
+            ys.extend(int(y) for y in batch[b"labels"])
+        labels = torch.tensor(ys, dtype=torch.int64)
+        if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
+            raise DataError(f"labels outside 0..{len(classes) - 1} in {files[0].parent}")
+        return Dataset(torch.from_numpy(np.concatenate(xs)), labels, classes)
+
+    return Splits(read(train_files), read([root / "test_batch"]), f"CIFAR-10 python batches ({root})")
+
+
+# --- image folders --------------------------------------------------------------------
+
+def _find_image_root(path: Path) -> Path:
+    if (path / "train").is_dir() and (path / "test").is_dir():
+        return path
+    subdirs = [d for d in path.iterdir() if d.is_dir()]
+    if len(subdirs) == 1 and (subdirs[0] / "train").is_dir() and (subdirs[0] / "test").is_dir():
+        return subdirs[0]
+    raise DataError(f"{path} has no train/ and test/ folders (nor a CIFAR-10 python batch)")
+
+
+def _class_folders(split_dir: Path) -> list[str]:
+    return sorted(d.name for d in split_dir.iterdir() if d.is_dir())
+
+
+def _load_image_folder(root: Path) -> Splits:
+    train_classes = _class_folders(root / "train")
+    test_classes = _class_folders(root / "test")
+    if not train_classes:
+        raise DataError(f"{root / 'train'} has no class folders")
+    if train_classes != test_classes:
+        only_train = sorted(set(train_classes) - set(test_classes))
+        only_test = sorted(set(test_classes) - set(train_classes))
+        raise DataError(f"train and test class folders differ in {root}: only in train "
+                        f"{only_train}, only in test {only_test}")
+    return Splits(_read_split(root / "train", train_classes),
+                  _read_split(root / "test", train_classes), f"image folder ({root})")
+
+
+def _read_split(split_dir: Path, classes: list[str]) -> Dataset:
+    from PIL import Image, UnidentifiedImageError
+
+    files: list[tuple[Path, int]] = []
+    for label, name in enumerate(classes):
+        found = sorted(p for p in (split_dir / name).iterdir()
+                       if p.is_file() and not p.name.startswith("."))
+        if not found:
+            raise DataError(f"empty class folder: {split_dir / name}")
+        files.extend((p, label) for p in found)
+    images = np.empty((len(files), 32, 32, 3), dtype=np.uint8)
+    for i, (file, _) in enumerate(files):
+        try:
+            with Image.open(file) as img:
+                if img.size != (32, 32):
+                    raise DataError(f"{file} is {img.size[0]}x{img.size[1]}, not 32x32")
+                images[i] = np.asarray(img.convert("RGB"))  # grayscale/RGBA converted
+        except (UnidentifiedImageError, OSError):
+            raise DataError(f"not an image: {file}") from None
+    labels = torch.tensor([label for _, label in files], dtype=torch.int64)
+    return Dataset(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels, list(classes))
+
+
+def _unpack_once(archive: Path) -> Path:
+    """Unpack a .tar.gz into the cache, once per archive content."""
+    st = archive.stat()
+    key = hashlib.sha256(repr((str(archive), st.st_size, st.st_mtime_ns)).encode()).hexdigest()[:20]
+    target = cache_root() / "unpacked" / key
+    if (target / ".complete").exists():
+        return target
+    tmp = target.with_name(f"{key}.tmp{os.getpid()}")
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(archive, "r:gz") as tar:
+            tar.extractall(tmp, filter="data")
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise DataError(f"could not unpack {archive}: {err}") from None
+    (tmp / ".complete").touch()
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process unpacked it first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# --- splits used by training ----------------------------------------------------------
+
+def split_off_validation(train: Dataset, n_val: int, seed: int) -> tuple[Dataset, Dataset]:
+    """Hold `n_val` random training images out, as a validation set."""
+    if not 0 < n_val < len(train):
+        raise DataError(f"--val-split must be between 1 and {len(train) - 1}, got {n_val}")
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    return train.select(order[n_val:].sort().values), train.select(order[:n_val].sort().values)
+
+
+def balanced_subset(train: Dataset, n: int, seed: int) -> Dataset:
+    """`n` training images spread as evenly as possible over the classes."""
+    if not 0 < n <= len(train):
+        raise DataError(f"--subset must be between 1 and {len(train)}, got {n}")
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 1))
+    labels = train.labels[order]
+    # Rank of each image within its class, in shuffled order; taking ranks 0,0,..,1,1,..
+    # deals one image per class in turn (a class that runs out is skipped).
+    rank = torch.zeros_like(labels)
+    for c in range(len(train.classes)):
+        members = labels == c
+        rank[members] = torch.arange(int(members.sum()))
+    deal_order = torch.argsort(rank * len(train.classes) + labels, stable=True)
+    chosen = order[deal_order[:n]]
+    return train.select(chosen.sort().values)
+
+
+def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 (N,3,H,W) -> normalised float, on the images' device."""
+    return (images.float().div_(255) - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)

@@ -1,0 +1,70 @@
+"""Command-line plumbing shared by the three scripts: parsers and one-line errors."""
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from typing import Callable
+
+
+class UsageError(Exception):
+    """A bad flag or a refused action: the message is one line meant for the user."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one line (exit 2), not usage plus a message."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def add_data_option(parser: argparse.ArgumentParser, help_default: str) -> None:
+    parser.add_argument("--data", default=None, metavar="PATH", help=(
+        "CIFAR-10 source: a cifar-10-batches-py folder, an image folder with train/<class>/ "
+        f"and test/<class>/, or a .tar.gz of one; {help_default}"))
+
+
+def add_accelerator_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--accelerator", default="auto", choices=("auto", "cpu", "cuda", "gpu", "mps"),
+                        help="device to run on (default: auto, a GPU when there is one)")
+
+
+def command(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
+    """Turn the project's user-facing errors into one line on stderr and exit code 2."""
+    from common.checkpoint import CheckpointError
+    from common.data import DataError
+
+    @functools.wraps(main)
+    def wrapper(argv: list[str] | None = None) -> int:
+        try:
+            return main(argv)
+        except (UsageError, DataError, CheckpointError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        except OSError as err:  # unwritable --out, full disk, ...
+            where = f": {err.filename}" if getattr(err, "filename", None) else ""
+            print(f"error: {err.strerror or err}{where}", file=sys.stderr)
+            return 2
+
+    return wrapper

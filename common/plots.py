@@ -1,0 +1,105 @@
+"""The pictures: training curves, confusion matrix, image galleries."""
+from __future__ import annotations
+
+import math
+import os
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no screen needed
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+def _save(fig: plt.Figure, path: str | os.PathLike) -> None:
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def plot_curves(history: Sequence[dict], path: str | os.PathLike, monitor_name: str) -> None:
+    """Loss and accuracy per epoch, train against the monitor set."""
+    epochs = [row["epoch"] for row in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
+    ax_loss.plot(epochs, [r["monitor_loss"] for r in history], "s-", label=monitor_name)
+    ax_loss.set(title="Loss", xlabel="epoch", ylabel="cross-entropy")
+    ax_acc.plot(epochs, [100 * r["train_acc"] for r in history], "o-", label="train")
+    ax_acc.plot(epochs, [100 * r["monitor_acc"] for r in history], "s-", label=monitor_name)
+    ax_acc.set(title="Accuracy", xlabel="epoch", ylabel="accuracy (%)")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    fig.suptitle("Training curves (train accuracy is on augmented images)", fontsize=10)
+    _save(fig, path)
+
+
+def plot_confusion(matrix: torch.Tensor, classes: Sequence[str], path: str | os.PathLike,
+                   title: str) -> None:
+    """Uses torchmetrics' own confusion-matrix plot; rows are true classes."""
+    from torchmetrics.utilities.plot import plot_confusion_matrix
+
+    fig, ax = plot_confusion_matrix(matrix.cpu(), add_text=True, labels=list(classes))
+    fig.set_size_inches(8, 7)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    plt.setp(ax.get_xticklabels(), rotation=45, ha="right")
+    _save(fig, path)
+
+
+def to_hwc(image: torch.Tensor) -> np.ndarray:
+    """uint8 (3,H,W) tensor -> (H,W,3) array for imshow."""
+    return image.permute(1, 2, 0).cpu().numpy()
+
+
+def plot_gallery(images: torch.Tensor, captions: Sequence[str], path: str | os.PathLike,
+                 title: str, columns: int = 8) -> None:
+    """A grid of uint8 (N,3,H,W) images, each with a caption under it."""
+    n = max(1, len(images))
+    rows = math.ceil(n / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(1.9 * columns, 2.2 * rows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < len(images):
+            ax.imshow(to_hwc(images[i]), interpolation="nearest")
+            ax.set_title(captions[i], fontsize=7)
+    if len(images) == 0:
+        axes.flat[0].text(0.5, 0.5, "no images", ha="center", va="center")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_cam_grid(rows: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, str, str, str]],
+                  path: str | os.PathLike, title: str, per_row: int = 4) -> None:
+    """Triplets of pictures: the image, its CAM for the predicted class, for the true class.
+
+    rows: (image HWC uint8, overlay for predicted, overlay for true, caption x3), laid out
+    `per_row` triplets across with a gap between triplets.
+    """
+    n = max(1, len(rows))
+    per_row = min(per_row, n)
+    grid_rows = math.ceil(n / per_row)
+    # Three picture columns per triplet plus a narrow spacer between triplets.
+    ratios = ([1, 1, 1, 0.25] * per_row)[:-1]
+    fig = plt.figure(figsize=(sum(ratios) * 1.45, grid_rows * 1.75 + 0.6))
+    grid = fig.add_gridspec(grid_rows, len(ratios), width_ratios=ratios, wspace=0.05, hspace=0.55)
+    for k, (image, over_pred, over_true, cap_img, cap_pred, cap_true) in enumerate(rows):
+        r, c = divmod(k, per_row)
+        for j, (picture, caption) in enumerate(zip((image, over_pred, over_true),
+                                                  (cap_img, cap_pred, cap_true))):
+            ax = fig.add_subplot(grid[r, 4 * c + j])
+            ax.imshow(picture, interpolation="nearest")
+            ax.set_title(caption, fontsize=7)
+            ax.axis("off")
+    if not rows:
+        ax = fig.add_subplot(grid[0, 0])
+        ax.text(0.5, 0.5, "no misclassified images", ha="center", va="center")
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    _save(fig, path)

@@ -1,0 +1,46 @@
+import torch
+
+from common.augment import augment, plan_epoch
+
+
+def test_crop_and_flip_are_per_sample():
+    images = torch.arange(4 * 3 * 32 * 32, dtype=torch.int64).view(4, 3, 32, 32) % 251 + 1
+    shift = torch.tensor([[0, 0], [4, 4], [8, 1], [2, 7]])
+    flip = torch.tensor([False, False, True, True])
+    out = augment(images, shift, flip, torch.zeros(4, 2, dtype=torch.int64), pad=4, cutout_size=0)
+    padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
+    for i in range(4):
+        dy, dx = shift[i].tolist()
+        expected = padded[i, :, dy:dy + 32, dx:dx + 32]
+        if flip[i]:
+            expected = expected.flip(-1)
+        assert torch.equal(out[i], expected), f"sample {i}"
+    assert torch.equal(out[1], images[1])  # shift (4,4) without flip is the identity
+    assert (out[0, :, :4, :] == 0).all()  # shifted by (0,0): zero padding shows at the top
+
+
+def test_cutout_blanks_one_square_per_sample():
+    images = torch.full((2, 3, 32, 32), 200, dtype=torch.uint8)
+    centres = torch.tensor([[10, 10], [0, 31]])
+    out = augment(images, torch.full((2, 2), 4), torch.tensor([False, False]), centres, cutout_size=8)
+    assert (out[0, :, 6:14, 6:14] == 0).all() and (out[0] == 0).sum() == 3 * 64
+    assert (out[1, 0, :4, 27:] == 0).all() and (out[1] == 0).sum() == 3 * 4 * 5  # clipped at the corner
+    assert out.dtype == torch.uint8
+
+
+def test_epoch_plan_is_seeded_and_covers_every_image():
+    a, b = plan_epoch(50, 16, seed=3, epoch=1), plan_epoch(50, 16, seed=3, epoch=1)
+    assert torch.equal(a.order, b.order) and torch.equal(a.shift, b.shift)
+    assert not torch.equal(a.order, plan_epoch(50, 16, seed=3, epoch=2).order)
+    assert len(a.order) == 64 and set(a.order.tolist()) == set(range(50))
+    assert a.shift.min() >= 0 and a.shift.max() <= 8
+    assert 0.2 < a.flip.float().mean() < 0.8
+
+
+def test_shards_are_disjoint_and_make_up_each_global_batch():
+    plan = plan_epoch(40, 8, seed=0, epoch=0)
+    shards = [plan.shard(rank, 2) for rank in range(2)]
+    for step in range(5):
+        rows = [s.order[step * 4:(step + 1) * 4] for s in shards]
+        assert set(rows[0].tolist()).isdisjoint(rows[1].tolist())
+        assert sorted(torch.cat(rows).tolist()) == sorted(plan.order[step * 8:(step + 1) * 8].tolist())

@@ -1,0 +1,133 @@
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from common.data import DataError, balanced_subset, cache_root, load_cifar10, split_off_validation
+from conftest import CLASSES, SHARED_TARBALL, easy_images, write_image_folder
+
+
+def assert_same(a, b):
+    for split in ("train", "test"):
+        x, y = getattr(a, split), getattr(b, split)
+        assert torch.equal(x.images, y.images) and torch.equal(x.labels, y.labels)
+        assert x.classes == y.classes
+
+
+def test_every_source_gives_the_same_tensors(tiny_folder, tiny_pickle, tiny_tarball, tiny_arrays):
+    folder = load_cifar10(str(tiny_folder))
+    assert folder.train.images.shape == (60, 3, 32, 32) and folder.train.images.dtype == torch.uint8
+    assert folder.train.labels.dtype == torch.int64 and folder.test.images.shape == (30, 3, 32, 32)
+    assert folder.train.classes == CLASSES
+    # ImageFolder order: classes sorted, files sorted. Our arrays were written in that order.
+    images, labels = tiny_arrays["train"]
+    assert torch.equal(folder.train.images, torch.from_numpy(images).permute(0, 3, 1, 2))
+    assert torch.equal(folder.train.labels, torch.from_numpy(labels))
+    assert_same(folder, load_cifar10(str(tiny_pickle)))
+    assert_same(folder, load_cifar10(str(tiny_pickle / "cifar-10-batches-py")))
+    assert_same(folder, load_cifar10(str(tiny_tarball)))
+
+
+def test_matches_torchvision_imagefolder_order(tiny_folder):
+    from torchvision.datasets import ImageFolder
+
+    reference = ImageFolder(str(tiny_folder / "train"))
+    ours = load_cifar10(str(tiny_folder)).train
+    assert ours.classes == reference.classes
+    assert ours.labels.tolist() == reference.targets
+    first = np.array(reference[7][0])
+    assert torch.equal(ours.images[7], torch.from_numpy(first).permute(2, 0, 1))
+
+
+def test_second_start_reads_the_cache(tiny_folder):
+    load_cifar10(str(tiny_folder))
+    assert list((cache_root() / "tensors").glob("*.pt"))
+    from common import data as data_module
+
+    original = data_module._load_image_folder
+    data_module._load_image_folder = lambda root: pytest.fail("decoded again instead of cached")
+    try:
+        load_cifar10(str(tiny_folder))
+    finally:
+        data_module._load_image_folder = original
+
+
+def test_changed_file_invalidates_the_cache(tmp_path, tiny_arrays):
+    root = write_image_folder(tmp_path / "d", tiny_arrays, CLASSES)
+    before = load_cifar10(str(root)).train.images[0].clone()
+    first = sorted((root / "train" / CLASSES[0]).iterdir())[0]
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(first)
+    assert not torch.equal(load_cifar10(str(root)).train.images[0], before)
+
+
+def test_grayscale_is_converted(tmp_path, tiny_arrays):
+    root = write_image_folder(tmp_path / "d", tiny_arrays, CLASSES)
+    Image.fromarray(np.full((32, 32), 77, np.uint8), mode="L").save(root / "test" / "cat" / "00000_gray.png")
+    test = load_cifar10(str(root)).test
+    assert len(test) == 31 and test.images.shape[1] == 3
+
+
+def test_subset_is_balanced_and_val_split_is_disjoint(tiny_folder):
+    train = load_cifar10(str(tiny_folder)).train
+    subset = balanced_subset(train, 25, seed=0)
+    counts = torch.bincount(subset.labels, minlength=10)
+    assert len(subset) == 25 and counts.max() - counts.min() <= 1
+    rest, val = split_off_validation(train, 12, seed=0)
+    assert len(rest) == 48 and len(val) == 12
+    all_images = torch.cat([rest.images, val.images]).view(60, -1)
+    assert len(torch.unique(all_images, dim=0)) == len(torch.unique(train.images.view(60, -1), dim=0))
+
+
+def bad(tmp_path, tiny_arrays, breaker):
+    root = write_image_folder(tmp_path / "bad", tiny_arrays, CLASSES)
+    breaker(root)
+    with pytest.raises(DataError) as info:
+        load_cifar10(str(root))
+    return str(info.value)
+
+
+def test_bad_data_gives_one_clear_line(tmp_path, tiny_arrays):
+    with pytest.raises(DataError, match="not found"):
+        load_cifar10(str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no train/ and test/"):
+        load_cifar10(str(tmp_path / "empty"))
+    msg = bad(tmp_path / "a", tiny_arrays, lambda r: shutil.rmtree(r / "test" / "dog"))
+    assert "differ" in msg and "dog" in msg
+    msg = bad(tmp_path / "b", tiny_arrays, lambda r: Image.fromarray(
+        np.zeros((28, 28, 3), np.uint8)).save(r / "train" / "cat" / "big.png"))
+    assert "28x28" in msg and "not 32x32" in msg
+    msg = bad(tmp_path / "c", tiny_arrays, lambda r: (r / "train" / "cat" / "notes.jpg").write_text("hi"))
+    assert "not an image" in msg and "notes.jpg" in msg
+    msg = bad(tmp_path / "d", tiny_arrays, lambda r: [p.unlink() for p in (r / "train" / "frog").iterdir()])
+    assert "empty class" in msg and "frog" in msg
+    for m in (msg,):
+        assert "\n" not in m
+
+
+def test_offline_download_says_what_to_do(monkeypatch, tmp_path):
+    import torchvision.datasets
+
+    class Offline:
+        def __init__(self, *args, **kwargs):
+            raise OSError("Name or service not known")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", Offline)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match="could not download CIFAR-10; pass --data PATH"):
+        load_cifar10(None)
+
+
+@pytest.mark.skipif(not SHARED_TARBALL.exists(), reason="shared CIFAR-10 JPEG tarball not here")
+def test_real_cifar10_tarball():
+    splits = load_cifar10(str(SHARED_TARBALL))
+    assert splits.train.images.shape == (50000, 3, 32, 32)
+    assert splits.test.images.shape == (10000, 3, 32, 32)
+    assert splits.train.classes == CLASSES
+    assert torch.bincount(splits.train.labels).tolist() == [5000] * 10
+    assert torch.bincount(splits.test.labels).tolist() == [1000] * 10
+    mean = splits.train.images.float().mean(dim=(0, 2, 3)) / 255
+    assert torch.allclose(mean, torch.tensor([0.4914, 0.4822, 0.4465]), atol=0.01)
