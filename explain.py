@@ -89,22 +89,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: only {len(chosen)} misclassified images, fewer than --n {args.n}; showing all")
 
     # Grad-CAM (pytorch_grad_cam) for the predicted and for the true class of each image.
-    cam_pred = np.zeros((len(chosen), 32, 32), np.float32)
-    cam_true = np.zeros((len(chosen), 32, 32), np.float32)
-    with GradCAM(model=model, target_layers=[target_layer]) as cam:
-        for start in tqdm(range(0, len(chosen), args.batch_size), desc=f"Grad-CAM {args.layer}",
-                          disable=len(chosen) <= args.batch_size):
-            index = chosen[start:start + args.batch_size]
-            x = normalize(test.images[index].to(device), mean.to(device), std.to(device))
-            for maps, classes_wanted in ((cam_pred, preds[index]), (cam_true, test.labels[index])):
-                targets = [ClassifierOutputTarget(int(c)) for c in classes_wanted]
-                maps[start:start + len(index)] = cam(input_tensor=x, targets=targets)
+    x = normalize(test.images[chosen], mean, std)
+    cam_pred = grad_cams(model, target_layer, x, preds[chosen], args.batch_size, args.layer)
+    cam_true = grad_cams(model, target_layer, x, test.labels[chosen], args.batch_size, args.layer)
 
     np.savez(out / "cams.npz", index=chosen.numpy().astype(np.int64),
              true=test.labels[chosen].numpy().astype(np.int64),
              pred=preds[chosen].numpy().astype(np.int64),
-             cam_pred=np.clip(cam_pred, 0, 1).astype(np.float32),
-             cam_true=np.clip(cam_true, 0, 1).astype(np.float32))
+             cam_pred=cam_pred, cam_true=cam_true)
 
     rows = []
     for k, i in enumerate(chosen.tolist()):
@@ -122,6 +114,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {out / 'gradcam.png'} and {out / 'cams.npz'} "
           f"({len(rows)} images, layer {args.layer}) in {time.perf_counter() - started:.1f}s")
     return 0
+
+
+def grad_cams(model: torch.nn.Module, layer: torch.nn.Module, images: torch.Tensor,
+              target_classes: torch.Tensor, batch_size: int = 64, name: str = "") -> np.ndarray:
+    """Grad-CAM maps, float32 (N,H,W) in [0,1], of normalised `images` for `target_classes`."""
+    device = next(model.parameters()).device
+    maps = np.zeros((len(images), *images.shape[-2:]), np.float32)
+    with GradCAM(model=model, target_layers=[layer]) as cam:
+        for start in tqdm(range(0, len(images), batch_size), desc=f"Grad-CAM {name}",
+                          disable=len(images) <= batch_size):
+            x = images[start:start + batch_size].to(device)
+            targets = [ClassifierOutputTarget(int(c)) for c in target_classes[start:start + batch_size]]
+            maps[start:start + len(x)] = cam(input_tensor=x, targets=targets)
+    return np.clip(maps, 0, 1)
 
 
 def layer_size(model: torch.nn.Module, layer: torch.nn.Module, device: torch.device) -> str:

@@ -63,7 +63,8 @@ def parse_args(argv: list[str] | None) -> tuple[dict, set[str]]:
     p.add_argument("--weight-decay", type=float, help=f"SGD weight decay (default {DEFAULTS['weight_decay']})")
     p.add_argument("--label-smoothing", type=float, help=f"(default {DEFAULTS['label_smoothing']})")
     p.add_argument("--cutout", type=non_negative_int, help=f"cutout square side in px, 0 = off (default {DEFAULTS['cutout']})")
-    add_data_option(p, "default: download the original CIFAR-10 into ./data")
+    # No defaults in the parser: what the user typed is told apart from DEFAULTS (for --resume).
+    add_data_option(p, "default: download the original CIFAR-10 into ./data", argparse.SUPPRESS)
     p.add_argument("--subset", type=positive_int, help="train on N training images, balanced over classes")
     p.add_argument("--val-split", type=positive_int,
                    help="hold N training images out as a validation set; best.pt is then the best validation epoch")
@@ -71,7 +72,7 @@ def parse_args(argv: list[str] | None) -> tuple[dict, set[str]]:
     p.add_argument("--seed", type=int, help=f"random seed (default {DEFAULTS['seed']})")
     p.add_argument("--precision", choices=hardware.PRECISIONS,
                    help="default auto: the fastest correct one for the device (printed at start)")
-    add_accelerator_option(p)
+    add_accelerator_option(p, argparse.SUPPRESS)
     p.add_argument("--devices", type=positive_int,
                    help="processes on this machine (default 1; under torchrun, torchrun decides)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction,
@@ -108,6 +109,14 @@ def make_fabric(config: dict) -> Fabric:
         strategy = DDPStrategy(timeout=timedelta(seconds=config["dist_timeout"]))
     return Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes,
                   strategy=strategy, precision=config["precision"])
+
+
+def one_cycle(optimizer: torch.optim.Optimizer, peak_lr: float, total_steps: int):
+    """OneCycle, stepped per batch: a linear rise to `peak_lr` over the first quarter,
+    then a linear fall to 1/4000 of it."""
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=peak_lr, total_steps=total_steps, pct_start=0.25,
+        anneal_strategy="linear", div_factor=20, final_div_factor=200)
 
 
 @torch.no_grad()
@@ -201,9 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     optimizer = torch.optim.SGD(net.parameters(), lr=config["lr"], momentum=config["momentum"],
                                 nesterov=True, weight_decay=config["weight_decay"])
     steps_per_epoch = math.ceil(len(train_set) / config["batch_size"])
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=config["lr"], epochs=config["epochs"], steps_per_epoch=steps_per_epoch,
-        pct_start=0.25, anneal_strategy="linear", div_factor=20, final_div_factor=200)
+    scheduler = one_cycle(optimizer, config["lr"], config["epochs"] * steps_per_epoch)
     model = torch.compile(net) if config["compile"] else net
     model, optimizer = fabric.setup(model, optimizer)
 

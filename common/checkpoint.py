@@ -47,11 +47,10 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        if "weights_only" in str(err) or "Unsupported global" in str(err):
+        if "Unsupported global" in str(err):  # a class or function: unpickling could run code
             raise CheckpointError(f"{path} holds objects other than tensors and plain data; "
                                   "refusing to unpickle it (it could run code)") from None
-        raise CheckpointError(f"{path} is not a readable checkpoint ({first[:120]})") from None
+        raise CheckpointError(f"{path} is not a readable checkpoint (not a torch file)") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated or not a torch "
                               f"file: {type(err).__name__})") from None

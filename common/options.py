@@ -39,14 +39,14 @@ def positive_float(text: str) -> float:
     return value
 
 
-def add_data_option(parser: argparse.ArgumentParser, help_default: str) -> None:
-    parser.add_argument("--data", default=None, metavar="PATH", help=(
+def add_data_option(parser: argparse.ArgumentParser, help_default: str, default=None) -> None:
+    parser.add_argument("--data", default=default, metavar="PATH", help=(
         "CIFAR-10 source: a cifar-10-batches-py folder, an image folder with train/<class>/ "
         f"and test/<class>/, or a .tar.gz of one; {help_default}"))
 
 
-def add_accelerator_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--accelerator", default="auto", choices=("auto", "cpu", "cuda", "gpu", "mps"),
+def add_accelerator_option(parser: argparse.ArgumentParser, default="auto") -> None:
+    parser.add_argument("--accelerator", default=default, choices=("auto", "cpu", "cuda", "gpu", "mps"),
                         help="device to run on (default: auto, a GPU when there is one)")
 
 
