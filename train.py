@@ -28,7 +28,7 @@ from lightning.fabric.strategies import DDPStrategy
 from tqdm import tqdm
 
 from common import hardware
-from common.augment import augment, plan_epoch
+from common.augment import EpochPlan, augment, plan_epoch
 from common.checkpoint import (git_commit, library_versions, load_checkpoint, save_checkpoint)
 from common.data import (CIFAR10_MEAN, CIFAR10_STD, balanced_subset, load_cifar10, normalize,
                          split_off_validation)
@@ -117,6 +117,25 @@ def one_cycle(optimizer: torch.optim.Optimizer, peak_lr: float, total_steps: int
     return torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=peak_lr, total_steps=total_steps, pct_start=0.25,
         anneal_strategy="linear", div_factor=20, final_div_factor=200)
+
+
+def train_step(fabric: Fabric, model, optimizer, scheduler, images: torch.Tensor,
+               labels: torch.Tensor, plan: EpochPlan, mean: torch.Tensor, std: torch.Tensor,
+               config: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on the batch `plan` picks from the device-resident training set.
+
+    Returns (loss, number correct) as device tensors: reading them would sync the host.
+    """
+    x = augment(images[plan.order], plan.shift, plan.flip, plan.cutout, cutout_size=config["cutout"])
+    x = normalize(x, mean, std).contiguous(memory_format=torch.channels_last)
+    y = labels[plan.order]
+    logits = model(x)
+    loss = F.cross_entropy(logits, y, label_smoothing=config["label_smoothing"])
+    optimizer.zero_grad(set_to_none=True)
+    fabric.backward(loss)
+    optimizer.step()
+    scheduler.step()
+    return loss.detach().double(), (logits.detach().argmax(1) == y).sum().double()
 
 
 @torch.no_grad()
@@ -215,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     model, optimizer = fabric.setup(model, optimizer)
 
     history: list[dict] = []
-    start_epoch, start_step, best_acc, partial = 0, 0, -1.0, [0.0, 0.0, 0.0, 0.0]
+    start_epoch, start_step, best_acc, partial = 0, 0, -1.0, [0.0, 0.0, 0, 0.0]
     if resumed:
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["scheduler"])
@@ -237,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
                  f"({local_batch} per process), OneCycle peak lr {config['lr']}, SGD Nesterov, "
                  f"wd {config['weight_decay']}, label smoothing {config['label_smoothing']}")
     fabric.print("model     CIFAR ResNet-18, parameters per module:\n" + "\n".join(summary_lines(net)))
+    if config["epochs"] * steps_per_epoch < 100:
+        fabric.print(f"note      only {config['epochs'] * steps_per_epoch} optimizer steps: too few for the "
+                     "warm-up and for BatchNorm's running statistics, so expect low test accuracy; "
+                     "a smaller --batch-size gives more steps")
     if resumed:
         fabric.print(f"resume    from {args['resume']}: epoch {start_epoch + 1}, step {start_step}")
 
@@ -266,33 +289,23 @@ def main(argv: list[str] | None = None) -> int:
             plan = plan_epoch(len(train_set), config["batch_size"], config["seed"], epoch)
             plan = plan.shard(rank, world).to(device)
             first = start_step if epoch == start_epoch else 0
-            totals = torch.tensor(partial[:3] if first else [0.0, 0.0, 0.0], device=device, dtype=torch.float64)
+            totals = torch.tensor(partial[:2] if first else [0.0, 0.0], device=device, dtype=torch.float64)
+            seen = int(partial[2]) if first else 0
             bad_step = torch.tensor(-1, device=device)
-            epoch_time = partial[3] if first else 0.0
+            epoch_time = partial[3] if first else 0.0  # seconds in training steps
             bar = tqdm(total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{config['epochs']}",
                        disable=not fabric.is_global_zero, leave=False, dynamic_ncols=True, file=sys.stdout)
             tick, images_since = time.perf_counter(), 0
             for step in range(first, steps_per_epoch):
-                rows = slice(step * local_batch, (step + 1) * local_batch)
-                index = plan.order[rows]
-                x = augment(train_images[index], plan.shift[rows], plan.flip[rows], plan.cutout[rows],
-                            cutout_size=config["cutout"])
-                x = normalize(x, mean, std).contiguous(memory_format=torch.channels_last)
-                y = train_labels[index]
-                logits = model(x)
-                loss = F.cross_entropy(logits, y, label_smoothing=config["label_smoothing"])
-                optimizer.zero_grad(set_to_none=True)
-                fabric.backward(loss)
-                optimizer.step()
-                lr = scheduler.get_last_lr()[0]  # the rate this step used
-                scheduler.step()
+                lr = scheduler.get_last_lr()[0]  # the rate this step uses
+                loss, correct = train_step(fabric, model, optimizer, scheduler, train_images,
+                                           train_labels, plan.rows(step), mean, std, config)
                 # Running sums stay on the device: no host sync here.
-                loss = loss.detach()
-                totals += torch.stack([loss * len(y), (logits.detach().argmax(1) == y).sum(),
-                                       torch.tensor(len(y), device=device)]).double()
+                totals += torch.stack([loss * local_batch, correct])
+                seen += local_batch
                 bad_step.masked_fill_((bad_step < 0) & ~torch.isfinite(loss), epoch * steps_per_epoch + step)
                 bar.update(1)
-                images_since += len(y) * world
+                images_since += local_batch * world
                 last = step + 1 == steps_per_epoch
                 if (step + 1) % REFRESH_EVERY == 0 or last or (world == 1 and stop.signal):
                     stop_now = torch.tensor(float(stop.signal is not None), device=device)
@@ -303,20 +316,21 @@ def main(argv: list[str] | None = None) -> int:
                         return 1
                     now = time.perf_counter()
                     epoch_time += now - tick
-                    bar.set_postfix(loss=f"{(totals[0] / totals[2]).item():.3f}",
-                                    acc=f"{(totals[1] / totals[2]).item():.3f}",
+                    loss_sum, correct_sum = totals.tolist()
+                    bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct_sum / seen:.3f}",
                                     lr=f"{lr:.3g}",
                                     img_s=f"{images_since / max(now - tick, 1e-9):.0f}")
                     tick, images_since = now, 0
                     stopping = bool(stop_now.item())
                     if stopping and not last:
-                        partial = [*totals.tolist(), epoch_time]
+                        partial = [*totals.tolist(), seen, epoch_time]
                         save("last.pt", checkpoint(epoch, step + 1))
                         bar.close()
                         fabric.print(f"\ninterrupted: saved {out / 'last.pt'} at epoch {epoch + 1}, step {step + 1}; "
                                      f"continue with: python train.py --resume {out / 'last.pt'}")
                         return 130
             bar.close()
+            totals = torch.cat([totals, torch.tensor([seen], device=device, dtype=torch.float64)])
             totals = fabric.all_reduce(totals, reduce_op="sum")
             monitor_loss, monitor_acc = score(model, monitor_images, monitor_labels, mean, std, fabric)
             row = {"epoch": epoch + 1, "train_loss": (totals[0] / totals[2]).item(),
@@ -324,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
                    "monitor_acc": monitor_acc, "lr": lr, "epoch_s": epoch_time,
                    "img_per_s": totals[2].item() / max(epoch_time, 1e-9)}
             history.append(row)
-            partial = [0.0, 0.0, 0.0, 0.0]
+            partial = [0.0, 0.0, 0, 0.0]
             fabric.print(f"epoch {epoch + 1:>3}/{config['epochs']}  train loss {row['train_loss']:.4f} "
                          f"acc {100 * row['train_acc']:5.2f}%  {monitor_name} loss {monitor_loss:.4f} "
                          f"acc {100 * monitor_acc:5.2f}%  {epoch_time:6.1f}s  {row['img_per_s']:,.0f} img/s")

@@ -26,6 +26,11 @@ class EpochPlan:
         return EpochPlan(*(t.to(device) for t in (self.order, self.shift, self.flip, self.cutout)),
                          self.batch)
 
+    def rows(self, step: int) -> "EpochPlan":
+        """The rows of one step."""
+        part = slice(step * self.batch, (step + 1) * self.batch)
+        return EpochPlan(*(t[part] for t in (self.order, self.shift, self.flip, self.cutout)), self.batch)
+
     def shard(self, rank: int, world: int) -> "EpochPlan":
         """This rank's rows: each global batch is cut into `world` consecutive pieces."""
         def mine(t: torch.Tensor) -> torch.Tensor:

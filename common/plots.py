@@ -26,7 +26,7 @@ def plot_curves(history: Sequence[dict], path: str | os.PathLike, monitor_name: 
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
     ax_loss.plot(epochs, [r["monitor_loss"] for r in history], "s-", label=monitor_name)
-    ax_loss.set(title="Loss", xlabel="epoch", ylabel="cross-entropy")
+    ax_loss.set(title="Loss", xlabel="epoch", ylabel="cross-entropy (train: label-smoothed)")
     ax_acc.plot(epochs, [100 * r["train_acc"] for r in history], "o-", label="train")
     ax_acc.plot(epochs, [100 * r["monitor_acc"] for r in history], "s-", label=monitor_name)
     ax_acc.set(title="Accuracy", xlabel="epoch", ylabel="accuracy (%)")
@@ -62,7 +62,7 @@ def plot_gallery(images: torch.Tensor, captions: Sequence[str], path: str | os.P
     """A grid of uint8 (N,3,H,W) images, each with a caption under it."""
     n = max(1, len(images))
     rows = math.ceil(n / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(1.9 * columns, 2.2 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(1.9 * columns, 2.6 * rows + 0.5), squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i < len(images):
@@ -71,7 +71,7 @@ def plot_gallery(images: torch.Tensor, captions: Sequence[str], path: str | os.P
     if len(images) == 0:
         axes.flat[0].text(0.5, 0.5, "no images", ha="center", va="center")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(h_pad=1.2)
     _save(fig, path)
 
 

@@ -57,7 +57,7 @@ def test_layer3_cam_peaks_on_the_evidence(tmp_path):
                                                      "test": (test_images, test_labels)},
                               ["blue", "red"])
     out = tmp_path / "run"
-    assert train.main(["--data", str(root), "--epochs", "3", "--batch-size", "25", "--cutout", "0",
+    assert train.main(["--data", str(root), "--epochs", "5", "--batch-size", "20", "--cutout", "0",
                        "--accelerator", "cpu", "--out", str(out)]) == 0
     state = load_checkpoint(out / "best.pt")
     model = model_from_checkpoint(state)
