@@ -61,7 +61,8 @@ def parse_args(argv: list[str] | None) -> tuple[dict, set[str]]:
     p.add_argument("--lr", type=positive_float,
                    help=f"OneCycle peak learning rate (default {LR_PER_512} x batch-size/512)")
     p.add_argument("--weight-decay", type=float, help=f"SGD weight decay (default {DEFAULTS['weight_decay']})")
-    p.add_argument("--label-smoothing", type=float, help=f"(default {DEFAULTS['label_smoothing']})")
+    p.add_argument("--label-smoothing", type=float,
+                   help=f"label smoothing of the training loss (default {DEFAULTS['label_smoothing']})")
     p.add_argument("--cutout", type=non_negative_int, help=f"cutout square side in px, 0 = off (default {DEFAULTS['cutout']})")
     # No defaults in the parser: what the user typed is told apart from DEFAULTS (for --resume).
     add_data_option(p, "default: download the original CIFAR-10 into ./data", argparse.SUPPRESS)

@@ -36,6 +36,18 @@ def resolve_accelerator(name: str) -> str:
     return "cuda" if name == "gpu" else name
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "CPU"
+
+
 def cpu_has_native_bf16() -> bool:
     flags = ""
     try:

@@ -1,0 +1,79 @@
+"""evaluate.py's whole run against a bare forward pass over the same test images.
+
+    python benchmarks/evaluate_speed.py --data ../shared/data/cifar10-jpg.tar.gz [--ckpt best.pt]
+
+Both see decoded data (the cache is warmed first) and use the same device, precision,
+memory format and batch size. The bare pass is only the forward over the test tensor;
+evaluate.py also loads the checkpoint and data, computes the metrics and writes its
+pictures and files. Without --ckpt a freshly initialised model is saved and used (speed
+does not depend on the weights). Last line: `bare_s=<s> evaluate_s=<s> ratio=<evaluate/bare>`.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import evaluate  # noqa: E402
+from common import hardware  # noqa: E402
+from common.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint  # noqa: E402
+from common.data import CIFAR10_MEAN, CIFAR10_STD, load_cifar10  # noqa: E402
+from common.model import build_model  # noqa: E402
+from common.predict import predict_probs  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default=None, help="data source (default: torchvision download)")
+    p.add_argument("--ckpt", default=None, help="checkpoint (default: a freshly initialised model)")
+    p.add_argument("--accelerator", default="auto")
+    p.add_argument("--batch-size", type=int, default=1000)
+    args = p.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="evaluate-speed-"))
+    splits = load_cifar10(args.data)  # decode once: both timings below read the cache
+    ckpt = args.ckpt
+    if ckpt is None:
+        ckpt = work / "fresh.pt"
+        save_checkpoint({"model": build_model().state_dict(), "classes": splits.test.classes,
+                         "mean": list(CIFAR10_MEAN), "std": list(CIFAR10_STD), "epoch": 0,
+                         "config": {"data": args.data}}, ckpt)
+
+    hardware.prepare_backend()
+    accelerator = hardware.resolve_accelerator(args.accelerator)
+    precision = hardware.default_precision(accelerator)
+    device = torch.device(accelerator)
+    model = model_from_checkpoint(load_checkpoint(ckpt)).to(device, memory_format=torch.channels_last)
+    images = splits.test.images.to(device)
+    mean, std = torch.tensor(CIFAR10_MEAN), torch.tensor(CIFAR10_STD)
+
+    def bare() -> float:
+        if accelerator == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        probs, _ = predict_probs(model, images, mean, std, args.batch_size,
+                                 hardware.autocast_dtype(precision))
+        probs.cpu()
+        return time.perf_counter() - start
+
+    bare()  # warm-up
+    bare_s = min(bare() for _ in range(2))
+    start = time.perf_counter()
+    code = evaluate.main(["--ckpt", str(ckpt), "--out", str(work), "--accelerator", accelerator,
+                          "--batch-size", str(args.batch_size)]
+                         + (["--data", args.data] if args.data else []))
+    evaluate_s = time.perf_counter() - start
+    assert code == 0
+    print(f"\ndevice {accelerator}, precision {precision}, {len(images):,} test images, batch {args.batch_size}")
+    print(f"bare forward {bare_s:.2f}s ({len(images) / bare_s:,.0f} img/s); evaluate.py {evaluate_s:.2f}s")
+    print(f"bare_s={bare_s:.2f} evaluate_s={evaluate_s:.2f} ratio={evaluate_s / bare_s:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""Training throughput: train.py's real step against a bare loop, in one process.
+
+    python benchmarks/throughput.py                      # CPU here, the GPU where there is one
+    python benchmarks/throughput.py --batch-size 512 --steps 20 --compile
+
+(a) bare: forward, backward and optimizer step on one fixed, already normalised batch.
+(b) train: train.py's `train_step` (indexing the device-resident uint8 set, per-sample
+    crop/flip/cutout, normalisation, the step, OneCycle) plus the loop's on-device sums.
+Both use the same Fabric precision, memory format and model. Blocks of (a) and (b) are
+interleaved and the median block is reported, so drift in the machine's speed hits both.
+The last line is `bare=<img/s> train=<img/s> ratio=<train/bare>`.
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import train  # noqa: E402  (the real training step)
+from common import hardware  # noqa: E402
+from common.augment import plan_epoch  # noqa: E402
+from common.data import CIFAR10_MEAN, CIFAR10_STD, normalize  # noqa: E402
+from common.model import build_model  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--accelerator", default="auto")
+    p.add_argument("--precision", default="auto", choices=hardware.PRECISIONS)
+    p.add_argument("--batch-size", type=int, default=None, help="default: 128 on CPU, 512 on GPU")
+    p.add_argument("--steps", type=int, default=None, help="steps per timed block (default: 4 CPU, 50 GPU)")
+    p.add_argument("--blocks", type=int, default=3, help="timed blocks of each kind (default 3)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile (default: as train.py, on for CUDA)")
+    args = p.parse_args()
+
+    hardware.prepare_backend()
+    accelerator = hardware.resolve_accelerator(args.accelerator)
+    on_gpu = accelerator == "cuda"
+    precision = hardware.default_precision(accelerator) if args.precision == "auto" else args.precision
+    compile_model = on_gpu if args.compile is None else args.compile
+    batch = args.batch_size or (512 if on_gpu else 128)
+    steps = args.steps or (50 if on_gpu else 4)
+    config = {**train.DEFAULTS, "accelerator": accelerator, "precision": precision, "devices": 1,
+              "batch_size": batch, "lr": 0.01}
+
+    fabric = train.make_fabric(config)
+    fabric.launch()
+    device = fabric.device
+    torch.manual_seed(0)
+    net = build_model().to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    n_images = batch * steps
+    total_steps = (args.blocks + 1) * steps * 2 + 10
+    scheduler = train.one_cycle(optimizer, 0.01, total_steps)
+    model, optimizer = fabric.setup(torch.compile(net) if compile_model else net, optimizer)
+
+    mean = torch.tensor(CIFAR10_MEAN, device=device)
+    std = torch.tensor(CIFAR10_STD, device=device)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n_images, 3, 32, 32), dtype=torch.uint8, generator=gen).to(device)
+    labels = torch.randint(0, 10, (n_images,), generator=gen).to(device)
+    fixed_x = normalize(images[:batch], mean, std).contiguous(memory_format=torch.channels_last)
+    fixed_y = labels[:batch]
+
+    def sync() -> None:
+        if on_gpu:
+            torch.cuda.synchronize()
+
+    def bare_block() -> float:
+        sync()
+        start = time.perf_counter()
+        for _ in range(steps):
+            loss = F.cross_entropy(model(fixed_x), fixed_y, label_smoothing=0.1)
+            optimizer.zero_grad(set_to_none=True)
+            fabric.backward(loss)
+            optimizer.step()
+        sync()
+        return batch * steps / (time.perf_counter() - start)
+
+    epoch = [0]
+
+    def train_block() -> float:
+        plan = plan_epoch(n_images, batch, seed=0, epoch=epoch[0]).to(device)
+        epoch[0] += 1
+        totals = torch.zeros(2, device=device, dtype=torch.float64)
+        sync()
+        start = time.perf_counter()
+        for step in range(steps):
+            loss, correct = train.train_step(fabric, model, optimizer, scheduler, images, labels,
+                                             plan.rows(step), mean, std, config)
+            totals += torch.stack([loss * batch, correct])
+        totals.tolist()  # the epoch's one read of the sums
+        sync()
+        return batch * steps / (time.perf_counter() - start)
+
+    print(f"device {accelerator} ({torch.cuda.get_device_name() if on_gpu else hardware.cpu_name()}), "
+          f"precision {precision}, channels_last, compile {'on' if compile_model else 'off'}, "
+          f"batch {batch}, {steps} steps x {args.blocks} blocks each", flush=True)
+    start = time.perf_counter()
+    bare_block(), train_block()  # warm-up: allocator, cudnn autotune, compile
+    print(f"warm-up {time.perf_counter() - start:.1f}s", flush=True)
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    bare, real = [], []
+    for block in range(args.blocks):
+        bare.append(bare_block())
+        real.append(train_block())
+        print(f"block {block + 1}: bare {bare[-1]:,.1f} img/s, train {real[-1]:,.1f} img/s", flush=True)
+    if on_gpu:
+        print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    else:
+        print(f"peak process memory (RSS) {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+    b, t = statistics.median(bare), statistics.median(real)
+    print(f"bare={b:.1f} train={t:.1f} ratio={t / b:.3f}")
+
+
+if __name__ == "__main__":
+    main()
