@@ -37,6 +37,8 @@ def parse_args(argv: list[str] | None):
                    help="default auto: the device's fastest correct one (printed)")
     p.add_argument("--batch-size", type=positive_int, default=1000, help="images per forward pass")
     p.add_argument("--tta", action="store_true", help="also report horizontal-flip averaging")
+    p.add_argument("--ema", action="store_true",
+                   help="use the moving average of the weights (checkpoints trained with --ema)")
     p.add_argument("--show", type=positive_int, default=32,
                    help="misclassified images in misclassified.png (default 32)")
     return p.parse_args(argv)
@@ -59,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     accelerator = hardware.resolve_accelerator(args.accelerator)
     precision = hardware.default_precision(accelerator) if args.precision == "auto" else args.precision
     device = torch.device("cuda" if accelerator == "cuda" else accelerator)
-    model = model_from_checkpoint(state).to(device, memory_format=torch.channels_last)
+    model = model_from_checkpoint(state, "ema" if args.ema else "model")
+    model = model.to(device, memory_format=torch.channels_last)
     mean, std = torch.tensor(state["mean"]), torch.tensor(state["std"])
     print(f"checkpoint {args.ckpt} (epoch {state['epoch']}, {len(classes)} classes)")
     print(f"data       {splits.source}: test {len(test):,} images")

@@ -41,6 +41,8 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--order", choices=("confidence", "index"), default="confidence",
                    help="which mistakes: the most confident first (default) or in test-set order")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per CAM batch")
+    p.add_argument("--ema", action="store_true",
+                   help="use the moving average of the weights (checkpoints trained with --ema)")
     add_accelerator_option(p)
     return p.parse_args(argv)
 
@@ -60,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     state = load_checkpoint(args.ckpt)
     out = Path(args.out) if args.out else Path(args.ckpt).parent
-    model = model_from_checkpoint(state)
+    model = model_from_checkpoint(state, "ema" if args.ema else "model")
     target_layer = find_layer(model, args.layer)
     out.mkdir(parents=True, exist_ok=True)
 

@@ -41,7 +41,7 @@ DEFAULTS = {
     "epochs": 20, "batch_size": 512, "lr": None, "weight_decay": 5e-4, "momentum": 0.9,
     "label_smoothing": 0.1, "cutout": 8, "data": None, "subset": None, "val_split": None,
     "seed": 0, "precision": "auto", "accelerator": "auto", "devices": 1, "compile": None,
-    "dist_timeout": 300,
+    "dist_timeout": 300, "ema": 0.0,
 }
 # Flags that may differ on --resume: where to write, and how (not what) to run.
 RESUME_FREE = {"out", "resume", "overwrite"}
@@ -78,6 +78,9 @@ def parse_args(argv: list[str] | None) -> tuple[dict, set[str]]:
                    help="processes on this machine (default 1; under torchrun, torchrun decides)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction,
                    help="torch.compile the model (default: on for CUDA, off on CPU)")
+    p.add_argument("--ema", type=float, metavar="DECAY",
+                   help="keep an exponential moving average of the weights with this decay per step, "
+                        "e.g. 0.999 (default 0: off); the monitor set then scores the average")
     p.add_argument("--dist-timeout", type=positive_int,
                    help=f"seconds a rank waits for the others before giving up (default {DEFAULTS['dist_timeout']})")
     p.add_argument("--resume", metavar="CKPT", help="continue from this last.pt")
@@ -96,6 +99,8 @@ def build_config(args: dict, explicit: set[str], resumed: dict | None) -> dict:
             if args[key] != config.get(key) and not (key == "precision" and args[key] == "auto"):
                 raise UsageError(f"--{key.replace('_', '-')} {args[key]} conflicts with the resumed "
                                  f"run's {config.get(key)}; drop the flag to continue that run")
+    if not 0 <= config["ema"] < 1:
+        raise UsageError(f"--ema must be in [0, 1), got {config['ema']}")
     if config["lr"] is None:
         config["lr"] = LR_PER_512 * config["batch_size"] / 512
     return config
@@ -139,10 +144,41 @@ def train_step(fabric: Fabric, model, optimizer, scheduler, images: torch.Tensor
     return loss.detach().double(), (logits.detach().argmax(1) == y).sum().double()
 
 
+def lost_peer(err: BaseException) -> bool:
+    """Whether a collective failed because another process died, hung or left."""
+    text = str(err).lower()
+    return isinstance(err, torch.distributed.DistError) or any(
+        marker in text for marker in ("connection closed", "connection reset", "timed out",
+                                      "timeout", "broken pipe", "nccl", "gloo"))
+
+
+class WeightAverage:
+    """An exponential moving average of the weights (and a copy of the BatchNorm buffers).
+
+    torch.optim.swa_utils.AveragedModel does this too, but tests `n_averaged == 0` on the
+    host at every update, a device sync per step; one fused lerp needs none.
+    """
+
+    def __init__(self, net: torch.nn.Module, decay: float) -> None:
+        import copy
+
+        self.model = copy.deepcopy(net).eval()
+        self.decay = decay
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, net: torch.nn.Module) -> None:
+        torch._foreach_lerp_(list(self.model.parameters()), list(net.parameters()), 1 - self.decay)
+        for mine, theirs in zip(self.model.buffers(), net.buffers()):
+            mine.copy_(theirs)
+
+
 @torch.no_grad()
 def score(model, images: torch.Tensor, labels: torch.Tensor, mean, std, fabric: Fabric,
           batch: int = 1000) -> tuple[float, float]:
     """(loss, accuracy) over a set, each rank scoring its own shard, reduced over ranks."""
+    was_training = model.training
     model.eval()
     shard = slice(fabric.global_rank, None, fabric.world_size)
     images, labels = images[shard], labels[shard]
@@ -150,11 +186,12 @@ def score(model, images: torch.Tensor, labels: torch.Tensor, mean, std, fabric: 
     for start in range(0, len(labels), batch):
         x = normalize(images[start:start + batch], mean, std).contiguous(memory_format=torch.channels_last)
         y = labels[start:start + batch]
-        logits = model(x).float()
+        with fabric.autocast():  # the EMA model is not wrapped by Fabric
+            logits = model(x).float()
         totals += torch.stack([F.cross_entropy(logits, y, reduction="sum"),
                                (logits.argmax(1) == y).sum(), torch.tensor(len(y), device=y.device)]).double()
     totals = fabric.all_reduce(totals, reduce_op="sum")
-    model.train()
+    model.train(was_training)
     return (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item()
 
 
@@ -195,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     config = build_config(args, explicit, resumed)
     out = Path(args.get("out") or (Path(args["resume"]).parent if resumed else "."))
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".*.pt.tmp*"):  # left by a process killed while writing
+        stale.unlink(missing_ok=True)
     if (out / "last.pt").exists() and resumed is None and not args.get("overwrite"):
         raise UsageError(f"{out / 'last.pt'} exists: pass --resume {out / 'last.pt'} to continue "
                          "that run or --overwrite to replace it")
@@ -233,11 +272,14 @@ def main(argv: list[str] | None = None) -> int:
     scheduler = one_cycle(optimizer, config["lr"], config["epochs"] * steps_per_epoch)
     model = torch.compile(net) if config["compile"] else net
     model, optimizer = fabric.setup(model, optimizer)
+    ema = WeightAverage(net, config["ema"]) if config["ema"] else None
 
     history: list[dict] = []
     start_epoch, start_step, best_acc, partial = 0, 0, -1.0, [0.0, 0.0, 0, 0.0]
     if resumed:
         optimizer.load_state_dict(resumed["optimizer"])
+        if ema:
+            ema.model.load_state_dict(resumed["ema"])
         scheduler.load_state_dict(resumed["scheduler"])
         torch.set_rng_state(resumed["rng"]["torch"])
         history, best_acc = list(resumed["history"]), resumed["best_acc"]
@@ -267,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     def checkpoint(epoch: int, step: int) -> dict:
         return {
             "model": net.state_dict(), "optimizer": optimizer.state_dict(),
+            **({"ema": ema.model.state_dict()} if ema else {}),
             "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step,
             "partial": partial, "rng": {"torch": torch.get_rng_state()},
             "config": config, "classes": train_set.classes, "mean": list(CIFAR10_MEAN),
@@ -281,85 +324,103 @@ def main(argv: list[str] | None = None) -> int:
             save_checkpoint(state, out / name)
         fabric.barrier()
 
-    with StopRequest() as stop:
-        written: set[str] = set()
-        stopping = False
-        model.train()
-        for epoch in range(start_epoch, config["epochs"]):
-            # The whole epoch's order and augmentation, drawn from (seed, epoch); this rank's part.
-            plan = plan_epoch(len(train_set), config["batch_size"], config["seed"], epoch)
-            plan = plan.shard(rank, world).to(device)
-            first = start_step if epoch == start_epoch else 0
-            totals = torch.tensor(partial[:2] if first else [0.0, 0.0], device=device, dtype=torch.float64)
-            seen = int(partial[2]) if first else 0
-            bad_step = torch.tensor(-1, device=device)
-            epoch_time = partial[3] if first else 0.0  # seconds in training steps
-            bar = tqdm(total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{config['epochs']}",
-                       disable=not fabric.is_global_zero, leave=False, dynamic_ncols=True, file=sys.stdout)
-            tick, images_since = time.perf_counter(), 0
-            for step in range(first, steps_per_epoch):
-                lr = scheduler.get_last_lr()[0]  # the rate this step uses
-                loss, correct = train_step(fabric, model, optimizer, scheduler, train_images,
-                                           train_labels, plan.rows(step), mean, std, config)
-                # Running sums stay on the device: no host sync here.
-                totals += torch.stack([loss * local_batch, correct])
-                seen += local_batch
-                bad_step.masked_fill_((bad_step < 0) & ~torch.isfinite(loss), epoch * steps_per_epoch + step)
-                bar.update(1)
-                images_since += local_batch * world
-                last = step + 1 == steps_per_epoch
-                if (step + 1) % REFRESH_EVERY == 0 or last or (world == 1 and stop.signal):
-                    stop_now = torch.tensor(float(stop.signal is not None), device=device)
-                    stop_now = fabric.all_reduce(stop_now, reduce_op="max") if world > 1 else stop_now
-                    if bad_step.item() >= 0:
-                        fabric.print(f"\nerror: loss became non-finite at step {bad_step.item() + 1} "
-                                     f"(epoch {epoch + 1}); try a lower --lr. last.pt keeps the previous epoch.")
-                        return 1
-                    now = time.perf_counter()
-                    epoch_time += now - tick
-                    loss_sum, correct_sum = totals.tolist()
-                    bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct_sum / seen:.3f}",
-                                    lr=f"{lr:.3g}",
-                                    img_s=f"{images_since / max(now - tick, 1e-9):.0f}")
-                    tick, images_since = now, 0
-                    stopping = bool(stop_now.item())
-                    if stopping and not last:
-                        partial = [*totals.tolist(), seen, epoch_time]
-                        save("last.pt", checkpoint(epoch, step + 1))
-                        bar.close()
-                        fabric.print(f"\ninterrupted: saved {out / 'last.pt'} at epoch {epoch + 1}, step {step + 1}; "
-                                     f"continue with: python train.py --resume {out / 'last.pt'}")
-                        return 130
-            bar.close()
-            totals = torch.cat([totals, torch.tensor([seen], device=device, dtype=torch.float64)])
-            totals = fabric.all_reduce(totals, reduce_op="sum")
-            monitor_loss, monitor_acc = score(model, monitor_images, monitor_labels, mean, std, fabric)
-            row = {"epoch": epoch + 1, "train_loss": (totals[0] / totals[2]).item(),
-                   "train_acc": (totals[1] / totals[2]).item(), "monitor_loss": monitor_loss,
-                   "monitor_acc": monitor_acc, "lr": lr, "epoch_s": epoch_time,
-                   "img_per_s": totals[2].item() / max(epoch_time, 1e-9)}
-            history.append(row)
-            partial = [0.0, 0.0, 0, 0.0]
-            fabric.print(f"epoch {epoch + 1:>3}/{config['epochs']}  train loss {row['train_loss']:.4f} "
-                         f"acc {100 * row['train_acc']:5.2f}%  {monitor_name} loss {monitor_loss:.4f} "
-                         f"acc {100 * monitor_acc:5.2f}%  {epoch_time:6.1f}s  {row['img_per_s']:,.0f} img/s")
-            state = checkpoint(epoch + 1, 0)
-            save("last.pt", state)
-            # With a validation split, keep its best epoch; without, the test set must not choose.
-            if not config["val_split"] or monitor_acc > best_acc:
-                best_acc = max(best_acc, monitor_acc) if config["val_split"] else monitor_acc
-                state["best_acc"] = best_acc
-                save("best.pt", state)
-            if fabric.is_global_zero:
-                write_metrics(history, out)
-                plot_curves(history, out / "curves.png", monitor_name)
-            written |= {"last.pt", "best.pt", "metrics.csv", "curves.png"}
-            if stopping and epoch + 1 < config["epochs"]:
-                fabric.print(f"interrupted: saved {out / 'last.pt'} after epoch {epoch + 1}; "
-                             f"continue with: python train.py --resume {out / 'last.pt'}")
-                return 130
+    try:
+        with StopRequest() as stop:
+            written: set[str] = set()
+            stopping = False
+            model.train()
+            for epoch in range(start_epoch, config["epochs"]):
+                # The whole epoch's order and augmentation, drawn from (seed, epoch); this rank's part.
+                plan = plan_epoch(len(train_set), config["batch_size"], config["seed"], epoch)
+                plan = plan.shard(rank, world).to(device)
+                first = start_step if epoch == start_epoch else 0
+                totals = torch.tensor(partial[:2] if first else [0.0, 0.0], device=device, dtype=torch.float64)
+                seen = int(partial[2]) if first else 0
+                bad_step = torch.tensor(-1, device=device)
+                epoch_time = partial[3] if first else 0.0  # seconds in training steps
+                bar = tqdm(total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{config['epochs']}",
+                           disable=not fabric.is_global_zero, leave=False, dynamic_ncols=True, file=sys.stdout)
+                tick, images_since = time.perf_counter(), 0
+                for step in range(first, steps_per_epoch):
+                    lr = scheduler.get_last_lr()[0]  # the rate this step uses
+                    loss, correct = train_step(fabric, model, optimizer, scheduler, train_images,
+                                               train_labels, plan.rows(step), mean, std, config)
+                    # Running sums stay on the device: no host sync here.
+                    totals += torch.stack([loss * local_batch, correct])
+                    seen += local_batch
+                    if ema:
+                        ema.update(net)
+                    bad_step.masked_fill_((bad_step < 0) & ~torch.isfinite(loss), epoch * steps_per_epoch + step)
+                    bar.update(1)
+                    images_since += local_batch * world
+                    last = step + 1 == steps_per_epoch
+                    if (step + 1) % REFRESH_EVERY == 0 or last or (world == 1 and stop.signal):
+                        stop_now = torch.tensor(float(stop.signal is not None), device=device)
+                        stop_now = fabric.all_reduce(stop_now, reduce_op="max") if world > 1 else stop_now
+                        if bad_step.item() >= 0:
+                            fabric.print(f"\nerror: loss became non-finite at step {bad_step.item() + 1} "
+                                         f"(epoch {epoch + 1}); try a lower --lr. last.pt keeps the previous epoch.")
+                            return 1
+                        now = time.perf_counter()
+                        epoch_time += now - tick
+                        loss_sum, correct_sum = totals.tolist()
+                        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct_sum / seen:.3f}",
+                                        lr=f"{lr:.3g}",
+                                        img_s=f"{images_since / max(now - tick, 1e-9):.0f}")
+                        tick, images_since = now, 0
+                        stopping = bool(stop_now.item())
+                        if stopping and not last:
+                            partial = [*totals.tolist(), seen, epoch_time]
+                            save("last.pt", checkpoint(epoch, step + 1))
+                            bar.close()
+                            fabric.print(f"\ninterrupted: saved {out / 'last.pt'} at epoch {epoch + 1}, step {step + 1}; "
+                                         f"continue with: python train.py --resume {out / 'last.pt'}")
+                            return 130
+                bar.close()
+                totals = torch.cat([totals, torch.tensor([seen], device=device, dtype=torch.float64)])
+                totals = fabric.all_reduce(totals, reduce_op="sum")
+                monitor_loss, monitor_acc = score(ema.model if ema else model, monitor_images,
+                                                  monitor_labels, mean, std, fabric)
+                row = {"epoch": epoch + 1, "train_loss": (totals[0] / totals[2]).item(),
+                       "train_acc": (totals[1] / totals[2]).item(), "monitor_loss": monitor_loss,
+                       "monitor_acc": monitor_acc, "lr": lr, "epoch_s": epoch_time,
+                       "img_per_s": totals[2].item() / max(epoch_time, 1e-9)}
+                history.append(row)
+                partial = [0.0, 0.0, 0, 0.0]
+                fabric.print(f"epoch {epoch + 1:>3}/{config['epochs']}  train loss {row['train_loss']:.4f} "
+                             f"acc {100 * row['train_acc']:5.2f}%  {monitor_name} loss {monitor_loss:.4f} "
+                             f"acc {100 * monitor_acc:5.2f}%  {epoch_time:6.1f}s  {row['img_per_s']:,.0f} img/s")
+                state = checkpoint(epoch + 1, 0)
+                save("last.pt", state)
+                # With a validation split, keep its best epoch; without, the test set must not choose.
+                if not config["val_split"] or monitor_acc > best_acc:
+                    best_acc = max(best_acc, monitor_acc) if config["val_split"] else monitor_acc
+                    state["best_acc"] = best_acc
+                    save("best.pt", state)
+                if fabric.is_global_zero:
+                    write_metrics(history, out)
+                    plot_curves(history, out / "curves.png", monitor_name)
+                written |= {"last.pt", "best.pt", "metrics.csv", "curves.png"}
+                if stopping and epoch + 1 < config["epochs"]:
+                    fabric.print(f"interrupted: saved {out / 'last.pt'} after epoch {epoch + 1}; "
+                                 f"continue with: python train.py --resume {out / 'last.pt'}")
+                    return 130
+    except RuntimeError as err:  # gloo/NCCL report a dead or silent peer this way
+        if world == 1 or not lost_peer(err):
+            raise
+        print(f"error: rank {rank} lost contact with the other processes "
+              f"({str(err).splitlines()[0][:160]}); last.pt holds the last finished epoch",
+              file=sys.stderr, flush=True)
+        return 1
 
     # --- summary ---------------------------------------------------------------------------
+    ranks_agree = None
+    if world > 1:
+        # DDP keeps every rank's weights identical: check it rather than assume it.
+        sums = torch.stack([p.detach().double().sum() for p in net.parameters()])
+        highest = fabric.all_reduce(sums.clone(), reduce_op="max")
+        lowest = fabric.all_reduce(sums.clone(), reduce_op="min")
+        ranks_agree = bool(torch.equal(highest, lowest))
     total_s = time.perf_counter() - started
     train_s = sum(r["epoch_s"] for r in history)
     images = sum(r["img_per_s"] * r["epoch_s"] for r in history)
@@ -370,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         "best_monitor_acc": best_acc if config["val_split"] else None,
         "epochs": len(history), "total_s": total_s, "train_s": train_s,
         "img_per_s": images / train_s if train_s else None,
+        "world_size": world, "ranks_agree": ranks_agree,
         "config": config, "files": sorted(str(out / f) for f in written | {"summary.json"}),
     }
     if fabric.is_global_zero:
@@ -380,6 +442,9 @@ def main(argv: list[str] | None = None) -> int:
             fabric.print(f"  final {monitor_name} accuracy  {100 * history[-1]['monitor_acc']:.2f}%")
         fabric.print(f"  best.pt rule          {summary['best_rule']}"
                      + (f" ({100 * best_acc:.2f}%)" if config["val_split"] else ""))
+        if world > 1:
+            fabric.print(f"  ranks                 {world}, final weights "
+                         + ("identical on every rank" if ranks_agree else "DIFFER between ranks"))
         fabric.print(f"  total time            {total_s:.1f}s ({train_s:.1f}s in training steps)")
         if summary["img_per_s"]:
             fabric.print(f"  throughput            {summary['img_per_s']:,.0f} img/s")

@@ -34,6 +34,12 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:  # disk full, file-size limit, ...: the old file is left as it was
+        raise OSError(err.errno, f"could not write {path.name} ({err.strerror}); "
+                      f"the previous {path.name}, if any, is unharmed", str(path)) from None
+    except RuntimeError as err:  # torch.save reports some write failures this way
+        raise OSError(None, f"could not write {path.name} ({str(err).splitlines()[0][:80]}); "
+                      f"the previous {path.name}, if any, is unharmed", str(path)) from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -60,11 +66,16 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return state
 
 
-def model_from_checkpoint(state: dict[str, Any]) -> ResNet18:
-    """Rebuild the plain model (no compile, no wrappers) in eval mode."""
+def model_from_checkpoint(state: dict[str, Any], weights: str = "model") -> ResNet18:
+    """Rebuild the plain model (no compile, no wrappers) in eval mode.
+
+    weights: "model" for the trained weights, "ema" for their moving average (--ema).
+    """
+    if weights not in state:
+        raise CheckpointError("this checkpoint has no EMA weights (it was trained without --ema)")
     model = build_model(len(state["classes"]))
     try:
-        model.load_state_dict(strip_wrapper_prefixes(state["model"]))
+        model.load_state_dict(strip_wrapper_prefixes(state[weights]))
     except RuntimeError as err:
         raise CheckpointError(f"checkpoint weights do not fit the CIFAR ResNet-18: "
                               f"{str(err).splitlines()[0]}") from None

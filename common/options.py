@@ -66,5 +66,8 @@ def command(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | No
             where = f": {err.filename}" if getattr(err, "filename", None) else ""
             print(f"error: {err.strerror or err}{where}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:  # outside the training loop's own handling
+            print("interrupted", file=sys.stderr)
+            return 130
 
     return wrapper

@@ -19,6 +19,7 @@ def test_two_cpu_ranks_form_one_group(tmp_path, tiny_folder):
     assert "device    cpu x2" in result.stdout and "x1," not in result.stdout
     assert result.stdout.count("\nsummary") == 1
     assert "10 per process" in result.stdout
+    assert "final weights identical on every rank" in result.stdout
     state = torch.load(out / "last.pt", weights_only=True)
     assert state["epoch"] == 2 and len(state["history"]) == 2
     # Every global batch of 20 was seen: 60 images, 3 steps of 20, two shards of 10.

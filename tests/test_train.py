@@ -140,3 +140,22 @@ def test_non_finite_loss_stops_the_run(tmp_path, tiny_folder, capsys):
     assert code == 1
     assert "non-finite at step" in capsys.readouterr().out
     assert not (tmp_path / "last.pt").exists()
+
+
+def test_ema_weights_are_saved_under_their_own_key(tmp_path, tiny_folder, trained_run, capsys):
+    import evaluate
+
+    assert train.main(run_args(tiny_folder, tmp_path, "--ema", "0.5")) == 0
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert state["ema"].keys() == state["model"].keys()
+    assert not torch.equal(state["ema"]["linear.weight"], state["model"]["linear.weight"])
+    # The trained weights do not depend on whether an average is kept beside them.
+    assert_same_weights(state["model"], weights(trained_run / "last.pt"))
+    assert evaluate.main(["--ckpt", str(tmp_path / "last.pt"), "--ema", "--precision", "32-true"]) == 0
+    assert evaluate.main(["--ckpt", str(trained_run / "last.pt"), "--ema", "--out", str(tmp_path)]) == 2
+    assert "no EMA weights" in capsys.readouterr().err
+
+
+def test_same_seed_same_weights(tmp_path, tiny_folder, trained_run):
+    assert train.main(run_args(tiny_folder, tmp_path)) == 0
+    assert_same_weights(weights(tmp_path / "last.pt"), weights(trained_run / "last.pt"))

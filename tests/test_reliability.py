@@ -1,0 +1,202 @@
+"""Kills, bad files, full disks and lost ranks: a result is never lost or corrupted."""
+import random
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import os
+
+import evaluate
+import train
+from common.checkpoint import load_checkpoint
+from conftest import ROOT
+
+FLAGS = ["--epochs", "2", "--batch-size", "20", "--precision", "32-true", "--accelerator", "cpu"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def wait_for(path, text, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if path.exists() and text in path.read_text(errors="replace"):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_kill_9_at_random_points_then_resume_is_exact(tmp_path, tiny_folder, trained_run):
+    """kill -9 the real process several times; every checkpoint left behind loads, and the
+    resumed run ends with the uninterrupted run's weights, bit for bit."""
+    rng = random.Random(0)
+    out, log = tmp_path / "run", tmp_path / "log.txt"
+    kills = 0
+    for attempt in range(12):
+        resume = (out / "last.pt").exists()
+        args = ["--resume", str(out / "last.pt")] if resume else \
+            ["--data", str(tiny_folder), *FLAGS, "--out", str(out)]
+        with open(log, "w") as f:
+            proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=f,
+                                    stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        # Kill somewhere in the training loop: steps, monitor scoring or checkpoint writes.
+        started = wait_for(log, "  total ", proc)
+        if started and kills < 4:
+            time.sleep(rng.uniform(0.0, 2.5))
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
+        code = proc.wait(timeout=300)
+        for name in ("last.pt", "best.pt"):
+            if (out / name).exists():
+                load_checkpoint(out / name)  # never torn
+        if code == 0:
+            break
+        assert code == -signal.SIGKILL, log.read_text()[-2000:]
+    assert code == 0 and kills >= 3
+    assert not list(out.glob(".*.tmp*"))
+    final = torch.load(out / "last.pt", weights_only=True)
+    assert_same_weights(final["model"], torch.load(trained_run / "last.pt", weights_only=True)["model"])
+
+
+WRITER = """
+import sys, torch
+sys.path.insert(0, sys.argv[2])
+from common.checkpoint import save_checkpoint
+states = [{"model": {"w": torch.full((1_000_000,), float(v))}, "v": v} for v in (1, 2)]
+i = 0
+while True:
+    save_checkpoint(states[i % 2], sys.argv[1])
+    i += 1
+    if i == 1:
+        print("ready", flush=True)
+"""
+
+
+def test_kill_9_during_checkpoint_writes_never_tears_the_file(tmp_path):
+    rng = random.Random(1)
+    target = tmp_path / "ckpt.pt"
+    for _ in range(5):
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(target), str(ROOT)],
+                                stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(rng.uniform(0.0, 0.3))
+        proc.kill()
+        proc.wait()
+        state = torch.load(target, weights_only=True)
+        assert state["v"] in (1, 2) and torch.all(state["model"]["w"] == state["v"])
+
+
+def test_full_disk_leaves_the_good_checkpoint_alone(tmp_path, tiny_folder, trained_run):
+    out = tmp_path / "run"
+    shutil.copytree(trained_run, out)
+    good = (out / "last.pt").read_bytes()
+
+    def small_file_limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20 * 2**20, 20 * 2**20))
+
+    result = subprocess.run([sys.executable, "train.py", "--data", str(tiny_folder), *FLAGS,
+                             "--out", str(out), "--overwrite"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300, preexec_fn=small_file_limit)
+    assert result.returncode == 2, result.stderr[-2000:]
+    error_lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    assert len(error_lines) == 1 and "could not write last.pt" in error_lines[0]
+    assert "Traceback" not in result.stderr
+    assert (out / "last.pt").read_bytes() == good
+    assert not list(out.glob(".*.tmp*"))
+
+
+def test_out_that_cannot_be_created(tmp_path, tiny_folder, capsys):
+    (tmp_path / "file").write_text("a regular file")
+    assert train.main(["--data", str(tiny_folder), *FLAGS, "--out", str(tmp_path / "file" / "sub")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and err.count("\n") == 1
+
+
+def test_truncated_and_foreign_checkpoints(tmp_path, trained_run, capsys):
+    (tmp_path / "cut.pt").write_bytes((trained_run / "best.pt").read_bytes()[:100_000])
+    assert evaluate.main(["--ckpt", str(tmp_path / "cut.pt")]) == 2
+    assert "not a readable checkpoint" in capsys.readouterr().err
+    from torchvision.models import resnet18
+
+    torch.save(resnet18().state_dict(), tmp_path / "imagenet.pt")
+    assert evaluate.main(["--ckpt", str(tmp_path / "imagenet.pt")]) == 2
+    assert "not a cifar-cam checkpoint" in capsys.readouterr().err
+    state = torch.load(trained_run / "best.pt", weights_only=True)
+    state["model"] = {"fc.weight": torch.zeros(10, 512)}
+    torch.save(state, tmp_path / "other_model.pt")
+    assert evaluate.main(["--ckpt", str(tmp_path / "other_model.pt")]) == 2
+    assert "do not fit the CIFAR ResNet-18" in capsys.readouterr().err
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_node(node_rank, port, out, tiny_folder, extra=()):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+           f"--node_rank={node_rank}", "--master_addr=127.0.0.1", f"--master_port={port}",
+           "train.py", "--data", str(tiny_folder), *FLAGS, "--out", str(out), *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_two_nodes_on_loopback(tmp_path, tiny_folder):
+    port = free_port()
+    nodes = [torchrun_node(rank, port, tmp_path / "run", tiny_folder) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    assert "device    cpu x2" in outputs[0] and "identical on every rank" in outputs[0]
+    assert "summary" not in outputs[1]  # only global rank 0 prints
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 2
+
+
+def test_a_dead_node_makes_the_other_exit_in_bounded_time(tmp_path, tiny_folder):
+    port = free_port()
+    extra = ["--dist-timeout", "20", "--epochs", "50", "--overwrite"]
+    nodes = [torchrun_node(rank, port, tmp_path / "run", tiny_folder, extra) for rank in (0, 1)]
+    time.sleep(1)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (tmp_path / "run" / "metrics.csv").exists():
+        time.sleep(0.2)
+    assert (tmp_path / "run" / "metrics.csv").exists(), "training never started"
+    subprocess.run(["pkill", "-9", "-P", str(nodes[1].pid)])  # node 1's worker dies
+    nodes[1].kill()
+    start = time.time()
+    output = nodes[0].communicate(timeout=120)[0]
+    assert nodes[0].returncode != 0
+    assert time.time() - start < 90
+    assert "error: rank 0 lost contact with the other processes" in output
+
+
+def test_a_hung_node_times_out_after_dist_timeout(tmp_path, tiny_folder):
+    port = free_port()
+    extra = ["--dist-timeout", "15", "--epochs", "50", "--overwrite"]
+    nodes = [torchrun_node(rank, port, tmp_path / "run", tiny_folder, extra) for rank in (0, 1)]
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (tmp_path / "run" / "metrics.csv").exists():
+            time.sleep(0.2)
+        assert (tmp_path / "run" / "metrics.csv").exists(), "training never started"
+        subprocess.run(["pkill", "-STOP", "-P", str(nodes[1].pid)])  # alive but silent
+        start = time.time()
+        output = nodes[0].communicate(timeout=120)[0]
+        waited = time.time() - start
+        assert nodes[0].returncode != 0
+        assert waited < 15 + 45, waited  # the timeout plus shutdown, not forever
+        assert "error: rank 0 lost contact with the other processes" in output
+    finally:
+        subprocess.run(["pkill", "-9", "-P", str(nodes[1].pid)])
+        nodes[1].kill()
+        nodes[1].wait()
