@@ -4,7 +4,8 @@
     python evaluate.py --ckpt best.pt --tta      # also report flip test-time augmentation
 
 Needs only the checkpoint (and the data). Writes beside the checkpoint (or into --out):
-confusion_matrix.png, misclassified.png, predictions.csv, evaluation.json.
+confusion_matrix.png, calibration.png, misclassified.png, predictions.csv, evaluation.json,
+and report.html (rebuilt from every result file in that folder).
 """
 from __future__ import annotations
 
@@ -16,15 +17,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torchmetrics.classification import (MulticlassAccuracy, MulticlassConfusionMatrix,
-                                         MulticlassPrecision, MulticlassRecall)
+from torchmetrics.classification import (MulticlassAccuracy, MulticlassCalibrationError,
+                                         MulticlassConfusionMatrix, MulticlassPrecision,
+                                         MulticlassRecall)
 
 from common import hardware
 from common.checkpoint import check_classes, load_checkpoint, model_from_checkpoint
 from common.data import load_cifar10
 from common.options import Parser, add_accelerator_option, add_data_option, command, positive_int
-from common.plots import plot_confusion, plot_gallery
+from common.plots import plot_confusion, plot_gallery, plot_reliability
 from common.predict import predict_probs
+from common.report import write_report
 
 
 def parse_args(argv: list[str] | None):
@@ -84,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     recall_c = MulticlassRecall(n_classes, average=None)(preds, labels)
     confusion = MulticlassConfusionMatrix(n_classes)(preds, labels)
     counts = torch.bincount(labels, minlength=n_classes)
+    ece = MulticlassCalibrationError(n_classes, n_bins=15, norm="l1")(probs, labels).item()
 
     tta = None
     if probs_tta is not None:
@@ -94,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     # --- files --------------------------------------------------------------------------
     plot_confusion(confusion, classes, out / "confusion_matrix.png",
                    f"Confusion matrix, {len(test):,} test images, accuracy {100 * accuracy:.2f}%")
+    plot_reliability(confidence, preds == labels, out / "calibration.png", ece)
     wrong = (preds != labels).nonzero().flatten()
     wrong = wrong[confidence[wrong].argsort(descending=True)][: args.show]
     plot_gallery(test.images[wrong],
@@ -109,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             writer.writerow([i, t, classes[t], p, classes[p], f"{c:.6f}"])
     report = {
         "checkpoint": str(args.ckpt), "data": splits.source, "n_images": len(test),
-        "accuracy": accuracy, "loss": loss, "tta": tta, "device": accelerator, "precision": precision,
+        "accuracy": accuracy, "loss": loss, "ece": ece, "tta": tta, "device": accelerator, "precision": precision,
         "per_class": {name: {"images": int(counts[c]), "accuracy": per_class_acc[c].item(),
                              "precision": precision_c[c].item(), "recall": recall_c[c].item()}
                       for c, name in enumerate(classes)},
@@ -118,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     with open(out / "evaluation.json", "w") as f:
         json.dump(report, f, indent=2)
+    write_report(out)
 
     # --- summary ------------------------------------------------------------------------
     width = max(len(c) for c in classes)
@@ -127,14 +133,14 @@ def main(argv: list[str] | None = None) -> int:
               f"{100 * precision_c[c]:>8.2f}%  {100 * recall_c[c]:>5.2f}%")
     print("(a class's accuracy is the share of its images predicted right, i.e. its recall)")
     print(f"\ntest accuracy  {100 * accuracy:.2f}%  ({int((preds == labels).sum()):,}/{len(test):,}), "
-          f"loss {loss:.4f}")
+          f"loss {loss:.4f}, expected calibration error {100 * ece:.2f}%")
     if tta:
         print(f"with flip TTA  {100 * tta['accuracy']:.2f}%, loss {tta['loss']:.4f} (plain figure above)")
     print(f"time           {report['total_s']:.1f}s ({pass_s:.1f}s forward, "
           f"{len(test) * (2 if tta else 1) / pass_s:,.0f} img/s)")
     print("files          " + "\n               ".join(
-        str(out / f) for f in ("confusion_matrix.png", "misclassified.png", "predictions.csv",
-                               "evaluation.json")))
+        str(out / f) for f in ("confusion_matrix.png", "calibration.png", "misclassified.png",
+                               "predictions.csv", "evaluation.json", "report.html")))
     return 0
 
 

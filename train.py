@@ -36,6 +36,7 @@ from common.model import build_model, summary_lines
 from common.options import (Parser, UsageError, add_accelerator_option, add_data_option, command,
                             non_negative_int, positive_float, positive_int)
 from common.plots import plot_curves
+from common.report import write_report
 
 DEFAULTS = {
     "epochs": 20, "batch_size": 512, "lr": None, "weight_decay": 5e-4, "momentum": 0.9,
@@ -400,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
                 if fabric.is_global_zero:
                     write_metrics(history, out)
                     plot_curves(history, out / "curves.png", monitor_name)
-                written |= {"last.pt", "best.pt", "metrics.csv", "curves.png"}
+                    write_report(out)
+                written |= {"last.pt", "best.pt", "metrics.csv", "curves.png", "report.html"}
                 if stopping and epoch + 1 < config["epochs"]:
                     fabric.print(f"interrupted: saved {out / 'last.pt'} after epoch {epoch + 1}; "
                                  f"continue with: python train.py --resume {out / 'last.pt'}")
@@ -437,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     if fabric.is_global_zero:
         with open(out / "summary.json", "w") as f:
             json.dump(summary, f, indent=2)
+        write_report(out)
         fabric.print("\nsummary")
         if history:
             fabric.print(f"  final {monitor_name} accuracy  {100 * history[-1]['monitor_acc']:.2f}%")

@@ -4,8 +4,8 @@ The rule was chosen by measurement (benchmarks/throughput.py and README "Perform
 - CUDA: bf16 autocast where the GPU supports it (fp16 with loss scaling otherwise),
   channels_last, TF32 matmuls.
 - CPU with native bf16 instructions (AVX512_BF16 or AMX): bf16 autocast, channels_last.
-  On an AMD EPYC with AVX512_BF16 a ResNet-18 training step ran at 110 img/s in bf16 against
-  53 in fp32 (both channels_last).
+  On an AMD EPYC with AVX512_BF16 a ResNet-18 training step ran at 112 img/s in bf16 against
+  62 in fp32 (both channels_last, batch 128, benchmarks/throughput.py).
 - other CPUs: fp32, channels_last. On an AVX-512 CPU without them bf16 autocast was slower
   than fp32 (50 against 61 img/s).
 """

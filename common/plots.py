@@ -103,3 +103,56 @@ def plot_cam_grid(rows: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, str, 
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
     _save(fig, path)
+
+
+def plot_reliability(confidence: torch.Tensor, correct: torch.Tensor, path: str | os.PathLike,
+                     ece: float, bins: int = 15) -> None:
+    """Reliability diagram: accuracy against confidence in equal-width bins, with the share
+    of images per bin underneath. A calibrated model sits on the diagonal."""
+    edges = torch.linspace(0, 1, bins + 1)
+    which = torch.bucketize(confidence.clamp(1e-6, 1), edges[1:-1], right=False)
+    counts = torch.bincount(which, minlength=bins).float()
+    hits = torch.bincount(which, weights=correct.float(), minlength=bins)
+    conf_sum = torch.bincount(which, weights=confidence.float(), minlength=bins)
+    filled = counts > 0
+    accuracy = torch.where(filled, hits / counts.clamp_min(1), torch.nan)
+    mean_conf = torch.where(filled, conf_sum / counts.clamp_min(1), torch.nan)
+    centres = (edges[:-1] + edges[1:]) / 2
+    width = 1 / bins
+    fig, (ax, ax_n) = plt.subplots(2, 1, figsize=(5.5, 6.5), sharex=True,
+                                   gridspec_kw={"height_ratios": [3, 1]})
+    ax.bar(centres, accuracy.nan_to_num(0), width=width * 0.95, color="tab:blue", label="accuracy")
+    ax.plot(centres[filled], mean_conf[filled], "_", color="tab:red", markersize=14, mew=2.5,
+            label="mean confidence in bin")
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+    ax.set(ylabel="accuracy in bin", xlim=(0, 1), ylim=(0, 1),
+           title=f"Reliability diagram: ECE {100 * ece:.2f}% ({bins} bins)")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax_n.bar(centres, counts / counts.sum(), width=width * 0.95, color="tab:gray")
+    ax_n.set(xlabel="confidence (max softmax probability)", ylabel="share of images")
+    ax_n.grid(alpha=0.3)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_cam_comparison(images: Sequence[np.ndarray], overlays: Sequence[Sequence[np.ndarray]],
+                        row_captions: Sequence[str], column_titles: Sequence[str],
+                        path: str | os.PathLike, title: str) -> None:
+    """One row per image: the image, then one CAM overlay per column (method and layer)."""
+    n_rows, n_cols = max(1, len(images)), 1 + len(column_titles)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.45 * n_cols, 1.6 * n_rows + 0.9), squeeze=False)
+    for r, image in enumerate(images):
+        axes[r, 0].imshow(image, interpolation="nearest")
+        axes[r, 0].set_title(row_captions[r], fontsize=6.5)
+        for c, overlay in enumerate(overlays[r]):
+            axes[r, c + 1].imshow(overlay, interpolation="nearest")
+            if r == 0:
+                axes[r, c + 1].set_title(column_titles[c], fontsize=7, fontweight="bold")
+    for ax in axes.flat:
+        ax.axis("off")
+    if len(images) == 0:
+        axes[0, 0].text(0.5, 0.5, "no images", ha="center", va="center")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(h_pad=0.6, w_pad=0.3)
+    _save(fig, path)

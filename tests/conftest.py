@@ -111,3 +111,9 @@ def trained_run(tmp_path_factory, tiny_folder) -> Path:
                        "--out", str(out), "--precision", "32-true", "--accelerator", "cpu"])
     assert code == 0
     return out
+
+
+def pytest_configure(config):
+    # NumPy 2 deprecation chatter from inside matplotlib/torchmetrics, not from this project.
+    config.addinivalue_line("filterwarnings", "ignore::DeprecationWarning:matplotlib.*")
+    config.addinivalue_line("filterwarnings", "ignore::DeprecationWarning:numpy.*")

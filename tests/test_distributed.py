@@ -1,4 +1,5 @@
 """torchrun on the CPU: the ranks must join one process group, not run side by side."""
+import csv
 import subprocess
 import sys
 
@@ -7,7 +8,7 @@ import torch
 from conftest import ROOT
 
 
-def test_two_cpu_ranks_form_one_group(tmp_path, tiny_folder):
+def test_two_cpu_ranks_form_one_group(tmp_path, tiny_folder, trained_run):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "train.py", "--accelerator", "cpu", "--data", str(tiny_folder), "--epochs", "2",
@@ -22,6 +23,15 @@ def test_two_cpu_ranks_form_one_group(tmp_path, tiny_folder):
     assert "final weights identical on every rank" in result.stdout
     state = torch.load(out / "last.pt", weights_only=True)
     assert state["epoch"] == 2 and len(state["history"]) == 2
-    # Every global batch of 20 was seen: 60 images, 3 steps of 20, two shards of 10.
-    rows = (out / "metrics.csv").read_text().splitlines()
-    assert len(rows) == 3
+    # Against one process on the same global batch (trained_run: the same flags). The
+    # gradients are averaged over the same 20 images, so the runs differ only through
+    # BatchNorm, which normalises each rank's 10 images with their own statistics and keeps
+    # per-rank running statistics (rank 0's are saved). Measured: train loss 1.988 vs 1.921
+    # (3.5 %), test loss 2.271 vs 2.268 after 2 epochs. Tolerances: 10 % and 5 %.
+    two = list(csv.DictReader(open(out / "metrics.csv")))
+    one = list(csv.DictReader(open(trained_run / "metrics.csv")))
+    assert len(two) == len(one) == 2
+    for a, b in zip(two, one):
+        assert a["lr"] == b["lr"]  # the same schedule, step for step
+        assert abs(float(a["train_loss"]) / float(b["train_loss"]) - 1) < 0.10
+        assert abs(float(a["monitor_loss"]) / float(b["monitor_loss"]) - 1) < 0.05

@@ -45,7 +45,8 @@ def test_counts_every_image_once_and_agrees_with_a_plain_loop(tmp_path, trained_
     assert report["n_images"] == 30 and abs(report["accuracy"] - expected) < 1e-9
     assert sum(c["images"] for c in report["per_class"].values()) == 30
     assert sum(map(sum, report["confusion_matrix"])) == 30
-    for name in ("confusion_matrix.png", "misclassified.png"):
+    assert 0 <= report["ece"] <= 1
+    for name in ("confusion_matrix.png", "misclassified.png", "calibration.png", "report.html"):
         assert (tmp_path / name).stat().st_size > 1000
 
 
