@@ -1,6 +1,7 @@
 """Explain a checkpoint's mistakes (or your own pictures) with class activation maps.
 
-    python explain.py --layer layer4 --n 20            # Grad-CAM of the 20 most confident mistakes
+    python explain.py --layer layer4 --n 20            # Grad-CAM at layer4 of the 20 most confident mistakes
+    python explain.py                                  # the default layer2: 16x16 maps, sharper
     python explain.py --method all --layer layer3 --layer layer3+layer4
     python explain.py --image cat.jpg dog.png          # your own pictures, resized to 32x32
     python explain.py --selfcheck                      # do the CAMs point at the evidence?
@@ -44,9 +45,11 @@ METHODS = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "hirescam": HiResCA
            "layercam": LayerCAM, "eigencam": EigenCAM, "scorecam": ScoreCAM}
 NAMES = {"gradcam": "GradCAM", "gradcam++": "GradCAM++", "hirescam": "HiResCAM",
          "layercam": "LayerCAM", "eigencam": "EigenCAM", "scorecam": "ScoreCAM"}
-# The defaults that point at the evidence most often in `--selfcheck` (README, "Explanations").
+# Chosen by measurement (README, "Explanations"): in the full `--selfcheck` layer2 put the
+# peak on the object most often (GradCAM 96 %, GradCAM++ 98 %; layer3 82 %, layer4 32 %), and
+# GradCAM's ROAD faithfulness was about twice GradCAM++'s there.
 DEFAULT_METHOD = "gradcam"
-DEFAULT_LAYER = "layer3+layer4"
+DEFAULT_LAYER = "layer2"
 ROAD_PERCENTILES = [20, 40, 60, 80]
 
 
