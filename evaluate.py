@@ -63,11 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     hardware.prepare_backend()
     accelerator = hardware.resolve_accelerator(args.accelerator)
     precision = hardware.default_precision(accelerator) if args.precision == "auto" else args.precision
-    device = torch.device("cuda" if accelerator == "cuda" else accelerator)
+    device = torch.device(accelerator)
     model = model_from_checkpoint(state, "ema" if args.ema else "model")
     model = model.to(device, memory_format=torch.channels_last)
     mean, std = torch.tensor(state["mean"]), torch.tensor(state["std"])
-    print(f"checkpoint {args.ckpt} (epoch {state['epoch']}, {len(classes)} classes)")
+    print(f"checkpoint {args.ckpt} (epoch {state.get('epoch', '?')}, {len(classes)} classes)")
     print(f"data       {splits.source}: test {len(test):,} images")
     print(f"device     {accelerator}, precision {precision}")
 

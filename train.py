@@ -44,8 +44,9 @@ DEFAULTS = {
     "seed": 0, "precision": "auto", "accelerator": "auto", "devices": 1, "compile": None,
     "dist_timeout": 300, "ema": 0.0,
 }
-# Flags that may differ on --resume: where to write, and how (not what) to run.
-RESUME_FREE = {"out", "resume", "overwrite"}
+# Flags that are not part of a run's config, and flags that may change on --resume.
+NOT_CONFIG = {"out", "resume", "overwrite"}
+RESUME_FREE = NOT_CONFIG | {"dist_timeout"}
 METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "monitor_loss", "monitor_acc", "lr",
                   "epoch_s", "img_per_s"]
 LR_PER_512 = 0.4  # peak lr for a global batch of 512, scaled linearly with the batch
@@ -93,18 +94,47 @@ def parse_args(argv: list[str] | None) -> tuple[dict, set[str]]:
 def build_config(args: dict, explicit: set[str], resumed: dict | None) -> dict:
     """Defaults, or the resumed run's config, overridden by what the user typed."""
     if resumed is None:
-        config = {**DEFAULTS, **{k: v for k, v in args.items() if k not in RESUME_FREE}}
+        config = {**DEFAULTS, **{k: v for k, v in args.items() if k not in NOT_CONFIG}}
     else:
-        config = dict(resumed["config"])
+        config = {**DEFAULTS, **resumed["config"]}
+        if "dist_timeout" in explicit:
+            config["dist_timeout"] = args["dist_timeout"]
         for key in explicit - RESUME_FREE:
-            if args[key] != config.get(key) and not (key == "precision" and args[key] == "auto"):
+            given = args[key]
+            if key == "accelerator" and given != "auto":
+                given = hardware.resolve_accelerator(given)
+            if key == "data" and given is not None:
+                given = os.path.abspath(given)
+            if given != config.get(key) and not (key in ("precision", "accelerator") and given == "auto"):
                 raise UsageError(f"--{key.replace('_', '-')} {args[key]} conflicts with the resumed "
                                  f"run's {config.get(key)}; drop the flag to continue that run")
+    if config["data"] is not None:  # absolute, so evaluate/explain/--resume work from anywhere
+        config["data"] = os.path.abspath(config["data"])
+    if not 0 <= config["label_smoothing"] < 1:
+        raise UsageError(f"--label-smoothing must be in [0, 1), got {config['label_smoothing']}")
+    if config["weight_decay"] < 0:
+        raise UsageError(f"--weight-decay must be >= 0, got {config['weight_decay']}")
+    if not 0 <= config["seed"] < 2**32:
+        raise UsageError(f"--seed must be in [0, 2**32), got {config['seed']}")
     if not 0 <= config["ema"] < 1:
         raise UsageError(f"--ema must be in [0, 1), got {config['ema']}")
     if config["lr"] is None:
         config["lr"] = LR_PER_512 * config["batch_size"] / 512
     return config
+
+
+# What the three scripts write into a run's folder; --overwrite clears it first.
+RESULT_FILES = ("last.pt", "best.pt", "metrics.csv", "curves.png", "summary.json", "evaluation.json",
+                "predictions.csv", "confusion_matrix.png", "calibration.png", "misclassified.png",
+                "explanations.json", "selfcheck.json", "report.html")
+
+
+def remove_old_results(out: Path) -> None:
+    for name in RESULT_FILES:
+        (out / name).unlink(missing_ok=True)
+    for pattern in ("gradcam*.png", "cams*.npz", "user_*"):
+        for path in out.glob(pattern):
+            path.unlink(missing_ok=True)
 
 
 def make_fabric(config: dict) -> Fabric:
@@ -114,16 +144,27 @@ def make_fabric(config: dict) -> Fabric:
     strategy = "auto"
     if devices * num_nodes > 1:
         strategy = DDPStrategy(timeout=timedelta(seconds=config["dist_timeout"]))
+    if accelerator == "cpu" and config["precision"] == "16-mixed":
+        raise UsageError("--precision 16-mixed needs a CUDA GPU; on the CPU use bf16-mixed or 32-true")
+    if accelerator == "cuda" and world is None and devices > torch.cuda.device_count():
+        raise UsageError(f"--devices {devices} but only {torch.cuda.device_count()} CUDA GPU(s) are visible")
     return Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes,
                   strategy=strategy, precision=config["precision"])
 
 
 def one_cycle(optimizer: torch.optim.Optimizer, peak_lr: float, total_steps: int):
-    """OneCycle, stepped per batch: a linear rise to `peak_lr` over the first quarter,
-    then a linear fall to 1/4000 of it."""
+    """OneCycle, stepped per batch: a linear rise from peak/20 to `peak_lr` over the first
+    quarter, then a linear fall to peak/4000; momentum stays at the optimizer's.
+
+    OneCycleLR divides by zero when a phase has no step (2 or 4 steps in all), so very short
+    runs get a longer warm-up share and fewer than 3 steps are refused.
+    """
+    if total_steps < 3:
+        raise UsageError(f"only {total_steps} optimizer step(s) in all; OneCycle needs 3 or more: "
+                         "lower --batch-size or raise --epochs")
     return torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=peak_lr, total_steps=total_steps, pct_start=0.25,
-        anneal_strategy="linear", div_factor=20, final_div_factor=200)
+        optimizer, max_lr=peak_lr, total_steps=total_steps, pct_start=min(0.5, max(0.25, 1.5 / total_steps)),
+        anneal_strategy="linear", div_factor=20, final_div_factor=200, cycle_momentum=False)
 
 
 def train_step(fabric: Fabric, model, optimizer, scheduler, images: torch.Tensor,
@@ -183,15 +224,16 @@ def score(model, images: torch.Tensor, labels: torch.Tensor, mean, std, fabric: 
     model.eval()
     shard = slice(fabric.global_rank, None, fabric.world_size)
     images, labels = images[shard], labels[shard]
-    totals = torch.zeros(3, device=fabric.device, dtype=torch.float64)
+    totals = torch.zeros(2, device=fabric.device, dtype=torch.float64)
     for start in range(0, len(labels), batch):
         x = normalize(images[start:start + batch], mean, std).contiguous(memory_format=torch.channels_last)
         y = labels[start:start + batch]
         with fabric.autocast():  # the EMA model is not wrapped by Fabric
             logits = model(x).float()
         totals += torch.stack([F.cross_entropy(logits, y, reduction="sum"),
-                               (logits.argmax(1) == y).sum(), torch.tensor(len(y), device=y.device)]).double()
-    totals = fabric.all_reduce(totals, reduce_op="sum")
+                               (logits.argmax(1) == y).sum()]).double()
+    count = torch.tensor([float(len(labels))], device=fabric.device, dtype=torch.float64)
+    totals = fabric.all_reduce(torch.cat([totals, count]), reduce_op="sum")
     model.train(was_training)
     return (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item()
 
@@ -238,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     if (out / "last.pt").exists() and resumed is None and not args.get("overwrite"):
         raise UsageError(f"{out / 'last.pt'} exists: pass --resume {out / 'last.pt'} to continue "
                          "that run or --overwrite to replace it")
+    if args.get("overwrite") and int(os.environ.get("RANK", 0)) == 0:
+        remove_old_results(out)  # so report.html never mixes the old run's files in
 
     # --- data: decoded once, then one uint8 tensor per split ----------------------------
     splits = load_cifar10(config["data"])
@@ -307,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     if resumed:
         fabric.print(f"resume    from {args['resume']}: epoch {start_epoch + 1}, step {start_step}")
 
+    versions, commit = library_versions(), git_commit()
+
     def checkpoint(epoch: int, step: int) -> dict:
         return {
             "model": net.state_dict(), "optimizer": optimizer.state_dict(),
@@ -316,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
             "config": config, "classes": train_set.classes, "mean": list(CIFAR10_MEAN),
             "std": list(CIFAR10_STD), "history": history, "best_acc": best_acc,
             "best_rule": "best validation accuracy" if config["val_split"] else "final weights",
-            "argv": sys.argv, "versions": library_versions(), "git_commit": git_commit(),
+            "argv": sys.argv, "versions": versions, "git_commit": commit,
         }
 
     def save(name: str, state: dict) -> None:
@@ -335,8 +381,9 @@ def main(argv: list[str] | None = None) -> int:
                 plan = plan_epoch(len(train_set), config["batch_size"], config["seed"], epoch)
                 plan = plan.shard(rank, world).to(device)
                 first = start_step if epoch == start_epoch else 0
-                totals = torch.tensor(partial[:2] if first else [0.0, 0.0], device=device, dtype=torch.float64)
-                seen = int(partial[2]) if first else 0
+                restore = first and fabric.is_global_zero  # the saved sums are over all ranks
+                totals = torch.tensor(partial[:2] if restore else [0.0, 0.0], device=device, dtype=torch.float64)
+                seen = int(partial[2]) if restore else 0
                 bad_step = torch.tensor(-1, device=device)
                 epoch_time = partial[3] if first else 0.0  # seconds in training steps
                 bar = tqdm(total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{config['epochs']}",
@@ -356,11 +403,16 @@ def main(argv: list[str] | None = None) -> int:
                     images_since += local_batch * world
                     last = step + 1 == steps_per_epoch
                     if (step + 1) % REFRESH_EVERY == 0 or last or (world == 1 and stop.signal):
-                        stop_now = torch.tensor(float(stop.signal is not None), device=device)
-                        stop_now = fabric.all_reduce(stop_now, reduce_op="max") if world > 1 else stop_now
-                        if bad_step.item() >= 0:
-                            fabric.print(f"\nerror: loss became non-finite at step {bad_step.item() + 1} "
-                                         f"(epoch {epoch + 1}); try a lower --lr. last.pt keeps the previous epoch.")
+                        # One reduce so every rank takes the same decision (stop, or a bad loss).
+                        flags = torch.stack([torch.tensor(float(stop.signal is not None), device=device),
+                                             bad_step.double()])
+                        flags = fabric.all_reduce(flags, reduce_op="max") if world > 1 else flags
+                        stop_now, first_bad = flags.tolist()
+                        if first_bad >= 0:
+                            if fabric.is_global_zero:
+                                print(f"\nerror: loss became non-finite at step {int(first_bad) + 1} "
+                                      f"(epoch {epoch + 1}); try a lower --lr. last.pt keeps the previous "
+                                      "epoch.", file=sys.stderr)
                             return 1
                         now = time.perf_counter()
                         epoch_time += now - tick
@@ -369,9 +421,12 @@ def main(argv: list[str] | None = None) -> int:
                                         lr=f"{lr:.3g}",
                                         img_s=f"{images_since / max(now - tick, 1e-9):.0f}")
                         tick, images_since = now, 0
-                        stopping = bool(stop_now.item())
+                        stopping = bool(stop_now)
                         if stopping and not last:
-                            partial = [*totals.tolist(), seen, epoch_time]
+                            # The epoch's running sums over all ranks; rank 0 restores them.
+                            sums = torch.cat([totals, torch.tensor([seen], device=device, dtype=torch.float64)])
+                            sums = fabric.all_reduce(sums, reduce_op="sum") if world > 1 else sums
+                            partial = [*sums.tolist(), epoch_time]
                             save("last.pt", checkpoint(epoch, step + 1))
                             bar.close()
                             fabric.print(f"\ninterrupted: saved {out / 'last.pt'} at epoch {epoch + 1}, step {step + 1}; "
@@ -391,13 +446,15 @@ def main(argv: list[str] | None = None) -> int:
                 fabric.print(f"epoch {epoch + 1:>3}/{config['epochs']}  train loss {row['train_loss']:.4f} "
                              f"acc {100 * row['train_acc']:5.2f}%  {monitor_name} loss {monitor_loss:.4f} "
                              f"acc {100 * monitor_acc:5.2f}%  {epoch_time:6.1f}s  {row['img_per_s']:,.0f} img/s")
+                # With a validation split, keep its best epoch; without, the test set must not
+                # choose. best.pt goes first: a kill between the writes replays this epoch.
+                is_best = not config["val_split"] or monitor_acc > best_acc
+                if is_best:
+                    best_acc = monitor_acc
                 state = checkpoint(epoch + 1, 0)
-                save("last.pt", state)
-                # With a validation split, keep its best epoch; without, the test set must not choose.
-                if not config["val_split"] or monitor_acc > best_acc:
-                    best_acc = max(best_acc, monitor_acc) if config["val_split"] else monitor_acc
-                    state["best_acc"] = best_acc
+                if is_best:
                     save("best.pt", state)
+                save("last.pt", state)
                 if fabric.is_global_zero:
                     write_metrics(history, out)
                     plot_curves(history, out / "curves.png", monitor_name)

@@ -1,7 +1,8 @@
 """Checkpoints: plain dicts that `torch.load(path, weights_only=True)` accepts.
 
-Keys: model (clean names), optimizer, scheduler, epoch, step, rng, config, classes, mean,
-std, history, best, argv, versions, git_commit. evaluate.py and explain.py need nothing
+Keys: model (clean names), optimizer, scheduler, epoch, step, partial (the running sums of an
+interrupted epoch), rng, config, classes, mean, std, history, best_acc, best_rule, argv,
+versions, git_commit, and ema with --ema. evaluate.py and explain.py need nothing
 else. Writes are atomic (temp file + rename), so a crash never leaves half a file.
 """
 from __future__ import annotations

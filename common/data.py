@@ -29,7 +29,6 @@ import torch
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 DEFAULT_DOWNLOAD_ROOT = "./data"
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 CACHE_FORMAT = 1  # bump when the cached tensors' layout changes
 
 
@@ -65,8 +64,7 @@ def cache_root() -> Path:
 def load_cifar10(data: str | None) -> Splits:
     """Load train and test splits from `data` (see the module docstring)."""
     if data is None:
-        return _cached(("download", os.path.abspath(DEFAULT_DOWNLOAD_ROOT)), _load_download,
-                       DEFAULT_DOWNLOAD_ROOT, cache=False)
+        return _load_download(DEFAULT_DOWNLOAD_ROOT)
     path = Path(data).expanduser()
     if not path.exists():
         raise DataError(f"data path not found: {data}")
@@ -82,11 +80,11 @@ def load_cifar10(data: str | None) -> Splits:
     return _cached(_fingerprint(_find_image_root(path)), _load_image_folder, _find_image_root(path))
 
 
-def _cached(key: tuple, loader, root, cache: bool = True) -> Splits:
+def _cached(key: tuple, loader, root) -> Splits:
     """Decode once; later starts read the tensors back from the cache."""
     digest = hashlib.sha256(repr((CACHE_FORMAT, key)).encode()).hexdigest()[:20]
     cache_file = cache_root() / "tensors" / f"{digest}.pt"
-    if cache and cache_file.exists():
+    if cache_file.exists():
         try:
             blob = torch.load(cache_file, weights_only=True)
             return Splits(Dataset(blob["train_x"], blob["train_y"], blob["classes"]),
@@ -94,17 +92,18 @@ def _cached(key: tuple, loader, root, cache: bool = True) -> Splits:
         except Exception:
             pass  # a damaged cache file is rebuilt below
     splits = loader(root)
-    if cache:
-        blob = {"train_x": splits.train.images, "train_y": splits.train.labels,
-                "test_x": splits.test.images, "test_y": splits.test.labels,
-                "classes": splits.train.classes, "source": splits.source}
-        try:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
-            torch.save(blob, tmp)
-            os.replace(tmp, cache_file)
-        except OSError:
-            pass  # a read-only cache only costs speed
+    blob = {"train_x": splits.train.images, "train_y": splits.train.labels,
+            "test_x": splits.test.images, "test_y": splits.test.labels,
+            "classes": splits.train.classes, "source": splits.source}
+    tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(blob, tmp)
+        os.replace(tmp, cache_file)
+    except (OSError, RuntimeError):
+        pass  # a read-only or full cache only costs speed
+    finally:
+        tmp.unlink(missing_ok=True)
     return splits
 
 
@@ -123,11 +122,17 @@ def _fingerprint(root: Path) -> tuple:
 # --- torchvision download -------------------------------------------------------------
 
 def _load_download(root: str) -> Splits:
+    import fcntl
+
     from torchvision.datasets import CIFAR10
 
     try:
-        train = CIFAR10(root, train=True, download=True)
-        test = CIFAR10(root, train=False, download=True)
+        os.makedirs(root, exist_ok=True)
+        # One download per machine: torchrun's ranks wait here for the first one.
+        with open(os.path.join(root, ".download.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            train = CIFAR10(root, train=True, download=True)
+            test = CIFAR10(root, train=False, download=True)
     except Exception as err:  # offline, DNS failure, bad checksum...
         reason = str(err).splitlines()[0][:100] if str(err) else type(err).__name__
         raise DataError(
@@ -163,6 +168,8 @@ def _unpickle(path: Path) -> dict:
 def _load_pickle_batches(root: Path) -> Splits:
     """Read the documented format: dicts with b'data' (N,3072 uint8) and b'labels'."""
     meta = _unpickle(root / "batches.meta")
+    if not isinstance(meta, dict) or b"label_names" not in meta:
+        raise DataError(f"{root / 'batches.meta'} has no label_names")
     classes = [c.decode() if isinstance(c, bytes) else str(c) for c in meta[b"label_names"]]
     train_files = sorted(root.glob("data_batch_*"))
     if not train_files:
@@ -172,9 +179,13 @@ def _load_pickle_batches(root: Path) -> Splits:
         xs, ys = [], []
         for f in files:
             batch = _unpickle(f)
+            if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+                raise DataError(f"{f} is not a CIFAR-10 python batch (no data/labels)")
             data = np.asarray(batch[b"data"], dtype=np.uint8)
             if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
                 raise DataError(f"{f}: images are not 3x32x32")
+            if len(batch[b"labels"]) != len(data):
+                raise DataError(f"{f}: {len(data)} images but {len(batch[b'labels'])} labels")
             xs.append(data.reshape(-1, 3, 32, 32))
             ys.extend(int(y) for y in batch[b"labels"])
         labels = torch.tensor(ys, dtype=torch.int64)
@@ -244,19 +255,20 @@ def _unpack_once(archive: Path) -> Path:
     target = cache_root() / "unpacked" / key
     if (target / ".complete").exists():
         return target
+    import shutil
+
     tmp = target.with_name(f"{key}.tmp{os.getpid()}")
     try:
         tmp.mkdir(parents=True, exist_ok=True)
         with tarfile.open(archive, "r:gz") as tar:
             tar.extractall(tmp, filter="data")
     except (tarfile.TarError, EOFError, OSError) as err:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise DataError(f"could not unpack {archive}: {err}") from None
     (tmp / ".complete").touch()
     try:
         os.replace(tmp, target)
     except OSError:  # another process unpacked it first
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
     return target
 

@@ -18,21 +18,14 @@ import torch
 
 from common.options import UsageError
 
-ACCELERATORS = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed")
 
 
 def resolve_accelerator(name: str) -> str:
     if name == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
+        return "cuda" if torch.cuda.is_available() else "cpu"
     if name in ("cuda", "gpu") and not torch.cuda.is_available():
         raise UsageError("--accelerator cuda was asked for but no CUDA GPU is visible")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UsageError("--accelerator mps was asked for but MPS is not available")
     return "cuda" if name == "gpu" else name
 
 
@@ -59,7 +52,8 @@ def cpu_has_native_bf16() -> bool:
 
 def default_precision(accelerator: str) -> str:
     if accelerator == "cuda":
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+        # Emulated bf16 (pre-Ampere GPUs) is slow: fp16 with loss scaling there.
+        return "bf16-mixed" if torch.cuda.is_bf16_supported(including_emulation=False) else "16-mixed"
     if accelerator == "cpu":
         return "bf16-mixed" if cpu_has_native_bf16() else "32-true"
     return "32-true"

@@ -46,7 +46,7 @@ def add_data_option(parser: argparse.ArgumentParser, help_default: str, default=
 
 
 def add_accelerator_option(parser: argparse.ArgumentParser, default="auto") -> None:
-    parser.add_argument("--accelerator", default=default, choices=("auto", "cpu", "cuda", "gpu", "mps"),
+    parser.add_argument("--accelerator", default=default, choices=("auto", "cpu", "cuda", "gpu"),
                         help="device to run on (default: auto, a GPU when there is one)")
 
 

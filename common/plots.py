@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 from typing import Sequence
 
 import matplotlib
@@ -14,10 +15,15 @@ import torch  # noqa: E402
 
 
 def _save(fig: plt.Figure, path: str | os.PathLike) -> None:
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
+    """Atomic: a hidden temporary file, renamed when complete."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
+    try:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
 
 
 def plot_curves(history: Sequence[dict], path: str | os.PathLike, monitor_name: str) -> None:

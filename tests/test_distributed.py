@@ -25,8 +25,8 @@ def test_two_cpu_ranks_form_one_group(tmp_path, tiny_folder, trained_run):
     assert state["epoch"] == 2 and len(state["history"]) == 2
     # Against one process on the same global batch (trained_run: the same flags). The
     # gradients are averaged over the same 20 images, so the runs differ only through
-    # BatchNorm, which normalises each rank's 10 images with their own statistics and keeps
-    # per-rank running statistics (rank 0's are saved). Measured: train loss 1.988 vs 1.921
+    # BatchNorm, which in training normalises each rank's 10 images with their own statistics
+    # (DDP copies rank 0's running statistics to the others). Measured: train loss 1.988 vs 1.921
     # (3.5 %), test loss 2.271 vs 2.268 after 2 epochs. Tolerances: 10 % and 5 %.
     two = list(csv.DictReader(open(out / "metrics.csv")))
     one = list(csv.DictReader(open(trained_run / "metrics.csv")))

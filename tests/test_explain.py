@@ -36,7 +36,10 @@ def test_unknown_layer_lists_the_valid_names(tmp_path, trained_run, capsys):
     err = capsys.readouterr().err
     assert "unknown layer 'layer9'" in err and "conv1, bn1, layer1, layer2, layer3, layer4, linear" in err
     assert explain.main(["--ckpt", str(trained_run / "best.pt"), "--method", "magic"]) == 2
-    assert err.count("\n") == 1
+    for layer in ("linear", "layer4+", ""):
+        assert explain.main(["--ckpt", str(trained_run / "best.pt"), "--layer", layer]) == 2, layer
+    err = capsys.readouterr().err
+    assert err.count("\n") == 4 and "no spatial map" in err and "Traceback" not in err
 
 
 def test_selfcheck_cams_point_at_the_evidence(tmp_path):
@@ -68,4 +71,4 @@ def test_user_images(tmp_path, trained_run, capsys):
     assert "resized from 64x48 to 32x32" in out and out.count("%, ") >= 4  # top-3 per picture
     cams = np.load(tmp_path / "user_cams.npz")
     assert list(cams["true"]) == [-1, -1] and np.isnan(cams["cam_true"]).all()
-    assert cams["cam_pred"].shape == (2, 32, 32) and (tmp_path / "gradcam_user.png").exists()
+    assert cams["cam_pred"].shape == (2, 32, 32) and (tmp_path / "user_gradcam.png").exists()

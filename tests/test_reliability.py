@@ -97,22 +97,33 @@ def test_kill_9_during_checkpoint_writes_never_tears_the_file(tmp_path):
         assert state["v"] in (1, 2) and torch.all(state["model"]["w"] == state["v"])
 
 
-def test_full_disk_leaves_the_good_checkpoint_alone(tmp_path, tiny_folder, trained_run):
+def test_full_disk_leaves_the_good_checkpoint_alone(tmp_path, tiny_folder, monkeypatch):
+    # An unfinished run: Ctrl-C in epoch 2 leaves last.pt (epoch 1, step 2) and best.pt.
     out = tmp_path / "run"
-    shutil.copytree(trained_run, out)
-    good = (out / "last.pt").read_bytes()
+    calls = {"n": 0}
+    real_augment = train.augment
+
+    def augment_then_ctrl_c(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_augment(*args, **kwargs)
+
+    monkeypatch.setattr(train, "augment", augment_then_ctrl_c)
+    assert train.main(["--data", str(tiny_folder), *FLAGS, "--out", str(out)]) == 130
+    good_last, good_best = (out / "last.pt").read_bytes(), (out / "best.pt").read_bytes()
 
     def small_file_limit():
         resource.setrlimit(resource.RLIMIT_FSIZE, (20 * 2**20, 20 * 2**20))
 
-    result = subprocess.run([sys.executable, "train.py", "--data", str(tiny_folder), *FLAGS,
-                             "--out", str(out), "--overwrite"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=300, preexec_fn=small_file_limit)
+    result = subprocess.run([sys.executable, "train.py", "--resume", str(out / "last.pt")], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300, preexec_fn=small_file_limit)
     assert result.returncode == 2, result.stderr[-2000:]
     error_lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
-    assert len(error_lines) == 1 and "could not write last.pt" in error_lines[0]
+    assert len(error_lines) == 1 and "could not write best.pt" in error_lines[0], error_lines
+    assert "the previous best.pt, if any, is unharmed" in error_lines[0]
     assert "Traceback" not in result.stderr
-    assert (out / "last.pt").read_bytes() == good
+    assert (out / "last.pt").read_bytes() == good_last and (out / "best.pt").read_bytes() == good_best
     assert not list(out.glob(".*.tmp*"))
 
 

@@ -133,12 +133,19 @@ def test_refusals(tmp_path, tiny_folder, trained_run, capsys):
     assert train.main(["--precision", "fp8"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 3 and "Traceback" not in err
+    for flags in (["--label-smoothing", "1.5"], ["--weight-decay", "-1"], ["--ema", "1"],
+                  ["--seed", "-3"], ["--precision", "16-mixed", "--accelerator", "cpu"],
+                  ["--epochs", "1", "--batch-size", "60"]):  # 1 optimizer step: too few
+        args = ["--data", str(tiny_folder), "--out", str(tmp_path / "x"), "--overwrite", *flags]
+        assert train.main(args) == 2, flags
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and err.count("\n") == 1, (flags, err)
 
 
 def test_non_finite_loss_stops_the_run(tmp_path, tiny_folder, capsys):
     code = train.main(run_args(tiny_folder, tmp_path, "--lr", "1e30", "--overwrite"))
     assert code == 1
-    assert "non-finite at step" in capsys.readouterr().out
+    assert "error: loss became non-finite at step" in capsys.readouterr().err
     assert not (tmp_path / "last.pt").exists()
 
 
@@ -159,3 +166,25 @@ def test_ema_weights_are_saved_under_their_own_key(tmp_path, tiny_folder, traine
 def test_same_seed_same_weights(tmp_path, tiny_folder, trained_run):
     assert train.main(run_args(tiny_folder, tmp_path)) == 0
     assert_same_weights(weights(tmp_path / "last.pt"), weights(trained_run / "last.pt"))
+
+
+def test_overwrite_clears_the_old_results(tmp_path, tiny_folder, trained_run):
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("last.pt", "evaluation.json", "gradcam.png", "cams.npz"):
+        (out / name).write_text("from an older run")
+    assert train.main(["--data", str(tiny_folder), "--epochs", "1", "--batch-size", "20",
+                       "--precision", "32-true", "--out", str(out), "--overwrite"]) == 0
+    assert not (out / "evaluation.json").exists() and not (out / "gradcam.png").exists()
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 1
+
+
+def test_val_split_keeps_the_best_epoch_across_a_resume(tmp_path, tiny_folder):
+    args = ["--data", str(tiny_folder), "--epochs", "3", "--batch-size", "20", "--val-split", "20",
+            "--precision", "32-true", "--out", str(tmp_path)]
+    assert train.main(args) == 0
+    history = torch.load(tmp_path / "last.pt", weights_only=True)["history"]
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    accs = [row["monitor_acc"] for row in history]
+    assert best["best_acc"] == max(accs) and best["epoch"] == accs.index(max(accs)) + 1
+    assert best["best_rule"] == "best validation accuracy"
