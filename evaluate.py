@@ -22,8 +22,7 @@ from torchmetrics.classification import (MulticlassAccuracy, MulticlassCalibrati
                                          MulticlassRecall)
 
 from common import hardware
-from common.checkpoint import check_classes, load_checkpoint, model_from_checkpoint
-from common.data import load_cifar10
+from common.checkpoint import data_for, load_checkpoint, model_from_checkpoint
 from common.options import Parser, add_accelerator_option, add_data_option, command, positive_int
 from common.plots import plot_confusion, plot_gallery, plot_reliability
 from common.predict import predict_probs
@@ -55,10 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else Path(args.ckpt).parent
     out.mkdir(parents=True, exist_ok=True)
 
-    data = args.data if args.data is not None else state["config"].get("data")
-    splits = load_cifar10(data)
+    splits = data_for(state, args.data)
     test, classes = splits.test, state["classes"]
-    check_classes(state, test.classes, splits.source)
 
     hardware.prepare_backend()
     accelerator = hardware.resolve_accelerator(args.accelerator)

@@ -32,7 +32,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget, 
 from tqdm import tqdm
 
 from common import hardware
-from common.checkpoint import check_classes, load_checkpoint, model_from_checkpoint
+from common.checkpoint import data_for, load_checkpoint, model_from_checkpoint
 from common.data import DataError, load_cifar10, normalize
 from common.model import top_level_names
 from common.options import (Parser, UsageError, add_accelerator_option, add_data_option, command,
@@ -229,9 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             top = p.topk(min(3, len(classes)))
             print(f"{path}: " + ", ".join(f"{classes[c]} {100 * v:.1f}%" for v, c in zip(top.values, top.indices)))
     else:  # the most confident (or first) mistakes on the test set
-        data = args.data if args.data is not None else state["config"].get("data")
-        splits = load_cifar10(data)
-        check_classes(state, splits.test.classes, splits.source)
+        splits = data_for(state, args.data)
         # Same predictions as evaluate.py: same precision rule, same pass.
         probs, _ = predict_probs(model, splits.test.images, mean, std, autocast=autocast)
         probs = probs.cpu()

@@ -433,14 +433,13 @@ def main(argv: list[str] | None = None) -> int:
                                          f"continue with: python train.py --resume {out / 'last.pt'}")
                             return 130
                 bar.close()
-                totals = torch.cat([totals, torch.tensor([seen], device=device, dtype=torch.float64)])
-                totals = fabric.all_reduce(totals, reduce_op="sum")
+                sums = torch.cat([totals, torch.tensor([seen], device=device, dtype=torch.float64)])
+                loss_sum, correct_sum, count = fabric.all_reduce(sums, reduce_op="sum").tolist()
                 monitor_loss, monitor_acc = score(ema.model if ema else model, monitor_images,
                                                   monitor_labels, mean, std, fabric)
-                row = {"epoch": epoch + 1, "train_loss": (totals[0] / totals[2]).item(),
-                       "train_acc": (totals[1] / totals[2]).item(), "monitor_loss": monitor_loss,
-                       "monitor_acc": monitor_acc, "lr": lr, "epoch_s": epoch_time,
-                       "img_per_s": totals[2].item() / max(epoch_time, 1e-9)}
+                row = {"epoch": epoch + 1, "train_loss": loss_sum / count, "train_acc": correct_sum / count,
+                       "monitor_loss": monitor_loss, "monitor_acc": monitor_acc, "lr": lr,
+                       "epoch_s": epoch_time, "img_per_s": count / max(epoch_time, 1e-9)}
                 history.append(row)
                 partial = [0.0, 0.0, 0, 0.0]
                 fabric.print(f"epoch {epoch + 1:>3}/{config['epochs']}  train loss {row['train_loss']:.4f} "

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from common.data import Splits, load_cifar10
 from common.model import ResNet18, build_model, strip_wrapper_prefixes
 
 REQUIRED_KEYS = ("model", "classes", "mean", "std", "config")
@@ -83,11 +84,14 @@ def model_from_checkpoint(state: dict[str, Any], weights: str = "model") -> ResN
     return model.eval()
 
 
-def check_classes(state: dict[str, Any], classes: list[str], source: str) -> None:
-    """A checkpoint's outputs mean its class names: refuse data whose classes differ."""
-    if list(state["classes"]) != list(classes):
+def data_for(state: dict[str, Any], override: str | None) -> Splits:
+    """The data a checkpoint was trained on (or `override`, e.g. --data), refusing data whose
+    class names differ: the checkpoint's outputs mean its class names."""
+    splits = load_cifar10(override if override is not None else state["config"].get("data"))
+    if list(state["classes"]) != list(splits.test.classes):
         raise CheckpointError(f"the checkpoint's classes {list(state['classes'])} differ from the "
-                              f"data's {list(classes)} ({source})")
+                              f"data's {list(splits.test.classes)} ({splits.source})")
+    return splits
 
 
 def library_versions() -> dict[str, str]:
