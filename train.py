@@ -8,16 +8,23 @@
 Reads top to bottom: arguments, data, model, the epoch loop, save, summary.
 The training set lives on the device as one uint8 tensor; augmentation runs batched there.
 """
+
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import csv
+import enum
 import json
+import logging
 import math
 import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -27,129 +34,258 @@ from lightning.fabric import Fabric
 from lightning.fabric.strategies import DDPStrategy
 from tqdm import tqdm
 
-from common import hardware
+from common import hardware, results
+from common.atomic import atomic_write, remove_stale_temporaries
 from common.augment import EpochPlan, augment, plan_epoch
-from common.checkpoint import (git_commit, library_versions, load_checkpoint, save_checkpoint)
-from common.data import (CIFAR10_MEAN, CIFAR10_STD, balanced_subset, load_cifar10, normalize,
-                         split_off_validation)
+from common.checkpoint import git_commit, library_versions, load_checkpoint, save_checkpoint
+from common.data import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    Dataset,
+    balanced_subset,
+    load_cifar10,
+    normalize,
+    split_off_validation,
+)
+from common.lock import hold_folder
 from common.model import build_model, summary_lines
-from common.options import (Parser, UsageError, add_accelerator_option, add_data_option, command,
-                            non_negative_int, positive_float, positive_int)
+from common.options import (
+    Parser,
+    UsageError,
+    add_accelerator_option,
+    add_data_option,
+    command,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 from common.plots import plot_curves
 from common.report import write_report
 
-DEFAULTS = {
-    "epochs": 20, "batch_size": 512, "lr": None, "weight_decay": 5e-4, "momentum": 0.9,
-    "label_smoothing": 0.1, "cutout": 8, "data": None, "subset": None, "val_split": None,
-    "seed": 0, "precision": "auto", "accelerator": "auto", "devices": 1, "compile": None,
-    "dist_timeout": 300, "ema": 0.0,
-}
-# Flags that are not part of a run's config, and flags that may change on --resume.
-NOT_CONFIG = {"out", "resume", "overwrite"}
-RESUME_FREE = NOT_CONFIG | {"dist_timeout"}
-METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "monitor_loss", "monitor_acc", "lr",
-                  "epoch_s", "img_per_s"]
 LR_PER_512 = 0.4  # peak lr for a global batch of 512, scaled linearly with the batch
 REFRESH_EVERY = 10  # steps between progress-bar refreshes, the only host syncs in an epoch
+METRIC_COLUMNS = "epoch train_loss train_acc monitor_loss monitor_acc lr epoch_s img_per_s".split()
 
 
-def parse_args(argv: list[str] | None) -> tuple[dict, set[str]]:
-    """Returns (flags as given, names given explicitly); defaults are filled in later."""
-    p = Parser(prog="train.py", description=__doc__.split("\n\n")[0],
-               argument_default=argparse.SUPPRESS)
-    p.add_argument("--epochs", type=positive_int, help=f"epochs (default {DEFAULTS['epochs']})")
-    p.add_argument("--batch-size", type=positive_int,
-                   help=f"global batch, split over processes (default {DEFAULTS['batch_size']})")
-    p.add_argument("--lr", type=positive_float,
-                   help=f"OneCycle peak learning rate (default {LR_PER_512} x batch-size/512)")
-    p.add_argument("--weight-decay", type=float, help=f"SGD weight decay (default {DEFAULTS['weight_decay']})")
-    p.add_argument("--label-smoothing", type=float,
-                   help=f"label smoothing of the training loss (default {DEFAULTS['label_smoothing']})")
-    p.add_argument("--cutout", type=non_negative_int, help=f"cutout square side in px, 0 = off (default {DEFAULTS['cutout']})")
-    # No defaults in the parser: what the user typed is told apart from DEFAULTS (for --resume).
+# --- configuration ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A run's settings, checked once. Stored in the checkpoint as a plain dict, so that
+    `torch.load(..., weights_only=True)` reads it and `--resume` restores it."""
+
+    epochs: int = 20
+    batch_size: int = 512
+    lr: float | None = None  # None: LR_PER_512 x batch_size / 512
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    label_smoothing: float = 0.1
+    cutout: int = 8
+    data: str | None = None  # None: torchvision's download
+    subset: int | None = None
+    val_split: int | None = None
+    seed: int = 0
+    precision: str = "auto"
+    accelerator: str = "auto"
+    devices: int = 1
+    compile: bool | None = None  # None: on for CUDA
+    dist_timeout: int = 300
+    ema: float = 0.0
+
+    def __post_init__(self) -> None:
+        checks = [
+            (
+                0 <= self.label_smoothing < 1,
+                f"--label-smoothing must be in [0, 1), got {self.label_smoothing}",
+            ),
+            (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
+            (0 <= self.seed < 2**32, f"--seed must be in [0, 2**32), got {self.seed}"),
+            (0 <= self.ema < 1, f"--ema must be in [0, 1), got {self.ema}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(message)
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> TrainConfig:
+        """A checkpoint's config; keys this version does not know are ignored."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in saved.items() if k in names})
+
+    def for_device(self) -> TrainConfig:
+        """'auto' choices made for this machine (printed at start, stored in the checkpoint)."""
+        accelerator = hardware.resolve_accelerator(self.accelerator)
+        precision = hardware.default_precision(accelerator) if self.precision == "auto" else self.precision
+        if accelerator == "cpu" and precision == "16-mixed":
+            raise UsageError("--precision 16-mixed needs a CUDA GPU; on the CPU use bf16-mixed or 32-true")
+        compile_model = accelerator == "cuda" if self.compile is None else self.compile
+        lr = LR_PER_512 * self.batch_size / 512 if self.lr is None else self.lr
+        return replace(self, accelerator=accelerator, precision=precision, compile=compile_model, lr=lr)
+
+
+CONFIG_FLAGS = {f.name for f in fields(TrainConfig)}
+RESUME_FREE = {"dist_timeout"}  # may change on --resume
+
+
+def parse_args(argv: list[str] | None) -> dict:
+    """The flags the user typed, and only those: defaults come from TrainConfig (or --resume)."""
+    d = TrainConfig()
+    p = Parser(prog="train.py", description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS)
+    p.add_argument("--epochs", type=positive_int, help=f"epochs (default {d.epochs})")
+    p.add_argument(
+        "--batch-size", type=positive_int, help=f"global batch, split over processes (default {d.batch_size})"
+    )
+    p.add_argument(
+        "--lr",
+        type=positive_float,
+        help=f"OneCycle peak learning rate (default {LR_PER_512} x batch-size/512)",
+    )
+    p.add_argument("--weight-decay", type=float, help=f"SGD weight decay (default {d.weight_decay})")
+    p.add_argument(
+        "--label-smoothing",
+        type=float,
+        help=f"label smoothing of the training loss (default {d.label_smoothing})",
+    )
+    p.add_argument(
+        "--cutout", type=non_negative_int, help=f"cutout square side in px, 0 = off (default {d.cutout})"
+    )
     add_data_option(p, "default: download the original CIFAR-10 into ./data", argparse.SUPPRESS)
     p.add_argument("--subset", type=positive_int, help="train on N training images, balanced over classes")
-    p.add_argument("--val-split", type=positive_int,
-                   help="hold N training images out as a validation set; best.pt is then the best validation epoch")
-    p.add_argument("--out", help="output folder (default: the current directory, or the --resume checkpoint's)")
-    p.add_argument("--seed", type=int, help=f"random seed (default {DEFAULTS['seed']})")
-    p.add_argument("--precision", choices=hardware.PRECISIONS,
-                   help="default auto: the fastest correct one for the device (printed at start)")
+    p.add_argument(
+        "--val-split",
+        type=positive_int,
+        help="hold N training images out as a validation set; best.pt is then the best validation epoch",
+    )
+    p.add_argument(
+        "--out", help="output folder (default: the current directory, or the --resume checkpoint's)"
+    )
+    p.add_argument("--seed", type=int, help=f"random seed (default {d.seed})")
+    p.add_argument(
+        "--precision",
+        choices=hardware.PRECISIONS,
+        help="default auto: the fastest correct one for the device (printed at start)",
+    )
     add_accelerator_option(p, argparse.SUPPRESS)
-    p.add_argument("--devices", type=positive_int,
-                   help="processes on this machine (default 1; under torchrun, torchrun decides)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                   help="torch.compile the model (default: on for CUDA, off on CPU)")
-    p.add_argument("--ema", type=float, metavar="DECAY",
-                   help="keep an exponential moving average of the weights with this decay per step, "
-                        "e.g. 0.999 (default 0: off); the monitor set then scores the average")
-    p.add_argument("--dist-timeout", type=positive_int,
-                   help=f"seconds a rank waits for the others before giving up (default {DEFAULTS['dist_timeout']})")
+    p.add_argument(
+        "--devices",
+        type=positive_int,
+        help="processes on this machine (default 1; under torchrun, torchrun decides)",
+    )
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        help="torch.compile the model (default: on for CUDA, off on CPU)",
+    )
+    p.add_argument(
+        "--ema",
+        type=float,
+        metavar="DECAY",
+        help="keep an exponential moving average of the weights with this decay per step, e.g. 0.999 "
+        "(default 0: off); the monitor set then scores the average",
+    )
+    p.add_argument(
+        "--dist-timeout",
+        type=positive_int,
+        help=f"seconds a rank waits for the others before giving up (default {d.dist_timeout})",
+    )
     p.add_argument("--resume", metavar="CKPT", help="continue from this last.pt")
     p.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
-    args = vars(p.parse_args(argv))
-    return args, set(args)
+    return vars(p.parse_args(argv))
 
 
-def build_config(args: dict, explicit: set[str], resumed: dict | None) -> dict:
-    """Defaults, or the resumed run's config, overridden by what the user typed."""
+def build_config(args: dict, resumed: dict | None) -> TrainConfig:
+    """TrainConfig's defaults, or the resumed run's config, overridden by what the user typed."""
+    given = {k: v for k, v in args.items() if k in CONFIG_FLAGS}
+    if given.get("data") is not None:  # absolute, so evaluate/explain/--resume work from anywhere
+        given["data"] = os.path.abspath(given["data"])
     if resumed is None:
-        config = {**DEFAULTS, **{k: v for k, v in args.items() if k not in NOT_CONFIG}}
-    else:
-        config = {**DEFAULTS, **resumed["config"]}
-        if "dist_timeout" in explicit:
-            config["dist_timeout"] = args["dist_timeout"]
-        for key in explicit - RESUME_FREE:
-            given = args[key]
-            if key == "accelerator" and given != "auto":
-                given = hardware.resolve_accelerator(given)
-            if key == "data" and given is not None:
-                given = os.path.abspath(given)
-            if given != config.get(key) and not (key in ("precision", "accelerator") and given == "auto"):
-                raise UsageError(f"--{key.replace('_', '-')} {args[key]} conflicts with the resumed "
-                                 f"run's {config.get(key)}; drop the flag to continue that run")
-    if config["data"] is not None:  # absolute, so evaluate/explain/--resume work from anywhere
-        config["data"] = os.path.abspath(config["data"])
-    if not 0 <= config["label_smoothing"] < 1:
-        raise UsageError(f"--label-smoothing must be in [0, 1), got {config['label_smoothing']}")
-    if config["weight_decay"] < 0:
-        raise UsageError(f"--weight-decay must be >= 0, got {config['weight_decay']}")
-    if not 0 <= config["seed"] < 2**32:
-        raise UsageError(f"--seed must be in [0, 2**32), got {config['seed']}")
-    if not 0 <= config["ema"] < 1:
-        raise UsageError(f"--ema must be in [0, 1), got {config['ema']}")
-    if config["lr"] is None:
-        config["lr"] = LR_PER_512 * config["batch_size"] / 512
-    return config
+        return TrainConfig(**given)
+    saved = TrainConfig.from_dict(resumed["config"])
+    for key, value in given.items():
+        if key in RESUME_FREE or (key in ("precision", "accelerator") and value == "auto"):
+            continue
+        if key == "accelerator":
+            value = hardware.resolve_accelerator(value)
+        if value != getattr(saved, key):
+            raise UsageError(
+                f"--{key.replace('_', '-')} {args[key]} conflicts with the resumed run's "
+                f"{getattr(saved, key)}; drop the flag to continue that run"
+            )
+    return replace(saved, **{k: v for k, v in given.items() if k in RESUME_FREE})
 
 
-# What the three scripts write into a run's folder; --overwrite clears it first.
-RESULT_FILES = ("last.pt", "best.pt", "metrics.csv", "curves.png", "summary.json", "evaluation.json",
-                "predictions.csv", "confusion_matrix.png", "calibration.png", "misclassified.png",
-                "explanations.json", "selfcheck.json", "report.html")
+# --- the pieces a run is made of -------------------------------------------------------------
 
 
-def remove_old_results(out: Path) -> None:
-    for name in RESULT_FILES:
-        (out / name).unlink(missing_ok=True)
-    for pattern in ("gradcam*.png", "cams*.npz", "user_*"):
-        for path in out.glob(pattern):
-            path.unlink(missing_ok=True)
-
-
-def make_fabric(config: dict) -> Fabric:
-    accelerator = hardware.resolve_accelerator(config["accelerator"])
+def make_fabric(config: TrainConfig) -> Fabric:
+    # Fabric announces its precision on stderr; the plan printed at the start says it, on stdout.
+    for name in ("lightning.fabric", "lightning.pytorch"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     world = hardware.torchrun_world()
-    devices, num_nodes = world if world else (config["devices"], 1)
+    devices, num_nodes = world if world else (config.devices, 1)
     strategy = "auto"
     if devices * num_nodes > 1:
-        strategy = DDPStrategy(timeout=timedelta(seconds=config["dist_timeout"]))
-    if accelerator == "cpu" and config["precision"] == "16-mixed":
-        raise UsageError("--precision 16-mixed needs a CUDA GPU; on the CPU use bf16-mixed or 32-true")
-    if accelerator == "cuda" and world is None and devices > torch.cuda.device_count():
+        strategy = DDPStrategy(timeout=timedelta(seconds=config.dist_timeout))
+    if config.accelerator == "cuda" and world is None and devices > torch.cuda.device_count():
         raise UsageError(f"--devices {devices} but only {torch.cuda.device_count()} CUDA GPU(s) are visible")
-    return Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes,
-                  strategy=strategy, precision=config["precision"])
+    return Fabric(
+        accelerator=config.accelerator,
+        devices=devices,
+        num_nodes=num_nodes,
+        strategy=strategy,
+        precision=config.precision,
+    )
+
+
+@contextlib.contextmanager
+def results_folder(fabric: Fabric, args: dict, resumed: dict | None) -> Iterator[Path]:
+    """The results folder, held by this run for its duration (rank 0 holds the lock; every rank
+    learns whether it could). Refused when another train.py holds it or when it holds a
+    finished run; cleared on --overwrite."""
+    out = Path(args.get("out") or (Path(args["resume"]).parent if resumed else "."))
+    out.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as held:
+        refusal = ""
+        if fabric.is_global_zero:
+            try:
+                held.enter_context(hold_folder(out))
+            except UsageError as err:
+                refusal = str(err)
+        if fabric.world_size > 1:
+            refusal = fabric.broadcast(refusal)
+        if refusal:
+            raise UsageError(refusal)
+        if (out / results.LAST).exists() and resumed is None and not args.get("overwrite"):
+            raise UsageError(
+                f"{out / results.LAST} exists: pass --resume {out / results.LAST} to continue "
+                "that run or --overwrite to replace it"
+            )
+        if fabric.is_global_zero:
+            remove_stale_temporaries(out)
+            if args.get("overwrite"):
+                results.remove_results(out)
+        fabric.barrier()
+        yield out
+
+
+@dataclass
+class TrainingData:
+    train: Dataset  # uint8 images, on the training device
+    monitor: Dataset  # scored every epoch: the test set, or the validation split
+    monitor_name: str  # "test", or "val" with --val-split
+    source: str  # where the data came from, in words
+
+
+def load_training_data(config: TrainConfig, device: torch.device) -> TrainingData:
+    splits = load_cifar10(config.data)
+    train, monitor, monitor_name = splits.train, splits.test, "test"
+    if config.val_split:
+        train, monitor = split_off_validation(train, config.val_split, config.seed)
+        monitor_name = "val"
+    if config.subset:
+        train = balanced_subset(train, config.subset, config.seed)
+    return TrainingData(train.to(device), monitor.to(device), monitor_name, splits.source)
 
 
 def one_cycle(optimizer: torch.optim.Optimizer, peak_lr: float, total_steps: int):
@@ -160,38 +296,20 @@ def one_cycle(optimizer: torch.optim.Optimizer, peak_lr: float, total_steps: int
     runs get a longer warm-up share and fewer than 3 steps are refused.
     """
     if total_steps < 3:
-        raise UsageError(f"only {total_steps} optimizer step(s) in all; OneCycle needs 3 or more: "
-                         "lower --batch-size or raise --epochs")
+        raise UsageError(
+            f"only {total_steps} optimizer step(s) in all; OneCycle needs 3 or more: "
+            "lower --batch-size or raise --epochs"
+        )
     return torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=peak_lr, total_steps=total_steps, pct_start=min(0.5, max(0.25, 1.5 / total_steps)),
-        anneal_strategy="linear", div_factor=20, final_div_factor=200, cycle_momentum=False)
-
-
-def train_step(fabric: Fabric, model, optimizer, scheduler, images: torch.Tensor,
-               labels: torch.Tensor, plan: EpochPlan, mean: torch.Tensor, std: torch.Tensor,
-               config: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step on the batch `plan` picks from the device-resident training set.
-
-    Returns (loss, number correct) as device tensors: reading them would sync the host.
-    """
-    x = augment(images[plan.order], plan.shift, plan.flip, plan.cutout, cutout_size=config["cutout"])
-    x = normalize(x, mean, std).contiguous(memory_format=torch.channels_last)
-    y = labels[plan.order]
-    logits = model(x)
-    loss = F.cross_entropy(logits, y, label_smoothing=config["label_smoothing"])
-    optimizer.zero_grad(set_to_none=True)
-    fabric.backward(loss)
-    optimizer.step()
-    scheduler.step()
-    return loss.detach().double(), (logits.detach().argmax(1) == y).sum().double()
-
-
-def lost_peer(err: BaseException) -> bool:
-    """Whether a collective failed because another process died, hung or left."""
-    text = str(err).lower()
-    return isinstance(err, torch.distributed.DistError) or any(
-        marker in text for marker in ("connection closed", "connection reset", "timed out",
-                                      "timeout", "broken pipe", "nccl", "gloo"))
+        optimizer,
+        max_lr=peak_lr,
+        total_steps=total_steps,
+        pct_start=min(0.5, max(0.25, 1.5 / total_steps)),
+        anneal_strategy="linear",
+        div_factor=20,
+        final_div_factor=200,
+        cycle_momentum=False,
+    )
 
 
 class WeightAverage:
@@ -202,8 +320,6 @@ class WeightAverage:
     """
 
     def __init__(self, net: torch.nn.Module, decay: float) -> None:
-        import copy
-
         self.model = copy.deepcopy(net).eval()
         self.decay = decay
         for p in self.model.parameters():
@@ -216,33 +332,335 @@ class WeightAverage:
             mine.copy_(theirs)
 
 
+@dataclass
+class Training:
+    """What the epoch loop works with, built once."""
+
+    fabric: Fabric
+    config: TrainConfig
+    net: torch.nn.Module  # the plain model: its state_dict is what gets saved
+    model: torch.nn.Module  # the same weights, set up by Fabric (DDP, precision, compile)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    ema: WeightAverage | None
+    data: TrainingData
+    mean: torch.Tensor
+    std: torch.Tensor
+    steps_per_epoch: int
+    out: Path
+
+
+def build_training(fabric: Fabric, config: TrainConfig, data: TrainingData, out: Path) -> Training:
+    fabric.seed_everything(config.seed, verbose=False)
+    net = build_model(len(data.train.classes)).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(
+        net.parameters(),
+        lr=config.lr,
+        momentum=config.momentum,
+        nesterov=True,
+        weight_decay=config.weight_decay,
+    )
+    steps_per_epoch = math.ceil(len(data.train) / config.batch_size)
+    scheduler = one_cycle(optimizer, config.lr, config.epochs * steps_per_epoch)
+    model, optimizer = fabric.setup(torch.compile(net) if config.compile else net, optimizer)
+    ema = WeightAverage(net, config.ema) if config.ema else None
+    mean, std = (torch.tensor(v, device=fabric.device) for v in (CIFAR10_MEAN, CIFAR10_STD))
+    return Training(
+        fabric, config, net, model, optimizer, scheduler, ema, data, mean, std, steps_per_epoch, out
+    )
+
+
+# --- the run's state and its checkpoint ------------------------------------------------------
+
+
+@dataclass
+class EpochSums:
+    """Running sums of an epoch over all ranks: what a stopped epoch resumes from."""
+
+    loss: float = 0.0  # sum of the per-image training loss
+    correct: float = 0.0
+    images: float = 0.0
+    seconds: float = 0.0  # in training steps
+
+
+@dataclass
+class RunState:
+    """Where a run is: saved in every checkpoint, restored by --resume."""
+
+    epoch: int = 0  # epochs finished
+    step: int = 0  # steps done in the epoch after those
+    history: list[dict] = field(default_factory=list)  # one metrics row per finished epoch
+    best_acc: float = -1.0
+    partial: EpochSums = field(default_factory=EpochSums)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict) -> RunState:
+        partial = ckpt["partial"]
+        if isinstance(partial, (list, tuple)):  # written before the sums had names
+            partial = dict(zip(("loss", "correct", "images", "seconds"), partial))
+        return cls(ckpt["epoch"], ckpt["step"], list(ckpt["history"]), ckpt["best_acc"], EpochSums(**partial))
+
+
+def restore(t: Training, ckpt: dict) -> RunState:
+    t.net.load_state_dict(ckpt["model"])
+    t.optimizer.load_state_dict(ckpt["optimizer"])
+    t.scheduler.load_state_dict(ckpt["scheduler"])
+    if t.ema:
+        t.ema.model.load_state_dict(ckpt["ema"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    return RunState.from_checkpoint(ckpt)
+
+
+def best_rule(config: TrainConfig) -> str:
+    return "best validation accuracy" if config.val_split else "final weights"
+
+
+def checkpoint(t: Training, state: RunState) -> dict:
+    """A plain dict: tensors, numbers, strings, lists and dicts only."""
+    return {
+        "model": t.net.state_dict(),
+        **({"ema": t.ema.model.state_dict()} if t.ema else {}),
+        "optimizer": t.optimizer.state_dict(),
+        "scheduler": t.scheduler.state_dict(),
+        "epoch": state.epoch,
+        "step": state.step,
+        "partial": asdict(state.partial),
+        "history": state.history,
+        "best_acc": state.best_acc,
+        "best_rule": best_rule(t.config),
+        "rng": {"torch": torch.get_rng_state()},
+        "config": asdict(t.config),
+        "classes": t.data.train.classes,
+        "mean": list(CIFAR10_MEAN),
+        "std": list(CIFAR10_STD),
+        "argv": sys.argv,
+        "versions": library_versions(),
+        "git_commit": git_commit(),
+    }
+
+
+def save(t: Training, name: str, state: RunState) -> None:
+    """Rank 0 writes (atomically); every rank waits, so no rank runs ahead of the file."""
+    ckpt = checkpoint(t, state)
+    if t.fabric.is_global_zero:
+        save_checkpoint(ckpt, t.out / name)
+    t.fabric.barrier()
+
+
+# --- one step, one epoch ---------------------------------------------------------------------
+
+
+def training_batch(
+    train: Dataset, rows: EpochPlan, mean: torch.Tensor, std: torch.Tensor, cutout: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The augmented, normalised batch that `rows` picks from the device-resident set."""
+    x = augment(train.images[rows.order], rows.shift, rows.flip, rows.cutout, cutout_size=cutout)
+    x = normalize(x, mean, std).contiguous(memory_format=torch.channels_last)
+    return x, train.labels[rows.order]
+
+
+def train_step(
+    fabric: Fabric, model, optimizer, scheduler, x: torch.Tensor, y: torch.Tensor, label_smoothing: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step. Returns (loss, number correct) as device tensors: reading them
+    would sync the host."""
+    logits = model(x)
+    loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    fabric.backward(loss)
+    optimizer.step()
+    scheduler.step()
+    return loss.detach().double(), (logits.detach().argmax(1) == y).sum().double()
+
+
+def agree(fabric: Fabric, stop_requested: bool, bad_step: torch.Tensor) -> tuple[bool, int]:
+    """One reduce, so that every rank takes the same decision: (stop here, first non-finite
+    step or -1)."""
+    flags = torch.stack([torch.tensor(float(stop_requested), device=fabric.device), bad_step.double()])
+    if fabric.world_size > 1:
+        flags = fabric.all_reduce(flags, reduce_op="max")
+    stop, first_bad = flags.tolist()
+    return bool(stop), int(first_bad)
+
+
+class Outcome(enum.Enum):
+    FINISHED = "finished"
+    INTERRUPTED = "interrupted"  # Ctrl-C or SIGTERM: last.pt is exact to the step
+    NON_FINITE = "non-finite loss"
+    LOST_PEER = "lost another process"
+
+
+EXIT_CODES = {Outcome.FINISHED: 0, Outcome.INTERRUPTED: 130, Outcome.NON_FINITE: 1, Outcome.LOST_PEER: 1}
+
+
+@dataclass
+class EpochEnd:
+    """How an epoch ended: FINISHED, INTERRUPTED after `step` steps, or NON_FINITE."""
+
+    outcome: Outcome
+    sums: EpochSums  # over all ranks
+    step: int = 0
+    lr: float = 0.0  # the rate of the last step
+    bad_step: int = -1  # first non-finite step of the run
+    stop_requested: bool = False  # on the last step: the epoch is finished, then the run stops
+
+
+def run_epoch(t: Training, state: RunState, stop: StopRequest) -> EpochEnd:
+    fabric, world = t.fabric, t.fabric.world_size
+    # The whole epoch's order and augmentation, drawn from (seed, epoch); this rank's part.
+    plan = plan_epoch(len(t.data.train), t.config.batch_size, t.config.seed, state.epoch)
+    plan = plan.shard(fabric.global_rank, world).to(fabric.device)
+    restored = state.partial if fabric.is_global_zero else EpochSums()  # the saved sums are over all ranks
+    sums = torch.tensor([restored.loss, restored.correct], device=fabric.device, dtype=torch.float64)
+    images = restored.images
+    bad_step = torch.tensor(-1, device=fabric.device)
+    bar = progress_bar(t, state)
+    timer = StepTimer(state.partial.seconds)
+    for step in range(state.step, t.steps_per_epoch):
+        lr = t.scheduler.get_last_lr()[0]  # the rate this step uses
+        x, y = training_batch(t.data.train, plan.rows(step), t.mean, t.std, t.config.cutout)
+        loss, correct = train_step(fabric, t.model, t.optimizer, t.scheduler, x, y, t.config.label_smoothing)
+        sums += torch.stack([loss * plan.batch, correct])  # on the device: no host sync
+        images += plan.batch
+        if t.ema:
+            t.ema.update(t.net)
+        bad_step.masked_fill_((bad_step < 0) & ~torch.isfinite(loss), state.epoch * t.steps_per_epoch + step)
+        bar.update(1)
+        last = step + 1 == t.steps_per_epoch
+        if (step + 1) % REFRESH_EVERY and not last and not (world == 1 and stop.signal):
+            continue
+        stop_now, first_bad = agree(fabric, stop.signal is not None, bad_step)
+        if first_bad >= 0:
+            bar.close()
+            return EpochEnd(Outcome.NON_FINITE, EpochSums(), bad_step=first_bad)
+        show_progress(bar, sums, images, lr, timer.lap(step + 1 - state.step, plan.batch * world))
+        if stop_now and not last:
+            bar.close()
+            return EpochEnd(
+                Outcome.INTERRUPTED, reduce_sums(fabric, sums, images, timer), step=step + 1, lr=lr
+            )
+    bar.close()
+    return EpochEnd(
+        Outcome.FINISHED, reduce_sums(fabric, sums, images, timer), lr=lr, stop_requested=stop_now
+    )
+
+
+def reduce_sums(fabric: Fabric, sums: torch.Tensor, images: float, timer: StepTimer) -> EpochSums:
+    """This epoch's sums so far, over all ranks."""
+    totals = torch.cat([sums, torch.tensor([images], device=fabric.device, dtype=torch.float64)])
+    loss, correct, images = (
+        fabric.all_reduce(totals, reduce_op="sum") if fabric.world_size > 1 else totals
+    ).tolist()
+    return EpochSums(loss, correct, images, timer.seconds)
+
+
 @torch.no_grad()
-def score(model, images: torch.Tensor, labels: torch.Tensor, mean, std, fabric: Fabric,
-          batch: int = 1000) -> tuple[float, float]:
-    """(loss, accuracy) over a set, each rank scoring its own shard, reduced over ranks."""
+def score(t: Training, model: torch.nn.Module, batch: int = 1000) -> tuple[float, float]:
+    """(loss, accuracy) on the monitor set, each rank scoring its own shard, reduced over ranks."""
+    fabric = t.fabric
     was_training = model.training
     model.eval()
     shard = slice(fabric.global_rank, None, fabric.world_size)
-    images, labels = images[shard], labels[shard]
+    images, labels = t.data.monitor.images[shard], t.data.monitor.labels[shard]
     totals = torch.zeros(2, device=fabric.device, dtype=torch.float64)
     for start in range(0, len(labels), batch):
-        x = normalize(images[start:start + batch], mean, std).contiguous(memory_format=torch.channels_last)
-        y = labels[start:start + batch]
+        x = normalize(images[start : start + batch], t.mean, t.std).contiguous(
+            memory_format=torch.channels_last
+        )
+        y = labels[start : start + batch]
         with fabric.autocast():  # the EMA model is not wrapped by Fabric
             logits = model(x).float()
-        totals += torch.stack([F.cross_entropy(logits, y, reduction="sum"),
-                               (logits.argmax(1) == y).sum()]).double()
+        totals += torch.stack(
+            [F.cross_entropy(logits, y, reduction="sum"), (logits.argmax(1) == y).sum()]
+        ).double()
     count = torch.tensor([float(len(labels))], device=fabric.device, dtype=torch.float64)
-    totals = fabric.all_reduce(torch.cat([totals, count]), reduce_op="sum")
+    totals = torch.cat([totals, count])
+    totals = fabric.all_reduce(totals, reduce_op="sum") if fabric.world_size > 1 else totals
     model.train(was_training)
     return (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item()
+
+
+def finish_epoch(t: Training, state: RunState, end: EpochEnd) -> None:
+    """Score the monitor set, record the epoch, write the checkpoints, metrics and pictures."""
+    loss, acc = score(t, t.ema.model if t.ema else t.model)
+    s = end.sums
+    row = {
+        "epoch": state.epoch + 1,
+        "train_loss": s.loss / s.images,
+        "train_acc": s.correct / s.images,
+        "monitor_loss": loss,
+        "monitor_acc": acc,
+        "lr": end.lr,
+        "epoch_s": s.seconds,
+        "img_per_s": s.images / max(s.seconds, 1e-9),
+    }
+    t.fabric.print(
+        f"epoch {row['epoch']:>3}/{t.config.epochs}  train loss {row['train_loss']:.4f} "
+        f"acc {100 * row['train_acc']:5.2f}%  {t.data.monitor_name} loss {loss:.4f} acc {100 * acc:5.2f}%  "
+        f"{s.seconds:6.1f}s  {row['img_per_s']:,.0f} img/s"
+    )
+    state.history.append(row)
+    state.epoch, state.step, state.partial = state.epoch + 1, 0, EpochSums()
+    # With a validation split, keep its best epoch; without, the test set must not choose.
+    # best.pt goes first: a kill between the two writes replays this epoch.
+    if not t.config.val_split or acc > state.best_acc:
+        state.best_acc = acc
+        save(t, results.BEST, state)
+    save(t, results.LAST, state)
+    if t.fabric.is_global_zero:
+        write_metrics(state.history, t.out / results.METRICS)
+        plot_curves(state.history, t.out / results.CURVES, t.data.monitor_name)
+        write_report(t.out)
+
+
+def fit(t: Training, state: RunState, stop: StopRequest) -> Outcome:
+    """The epoch loop: train an epoch, score it, save; stop early on Ctrl-C or a bad loss."""
+    while state.epoch < t.config.epochs:
+        end = run_epoch(t, state, stop)
+        if end.outcome is Outcome.NON_FINITE:
+            rank_zero_error(
+                t.fabric,
+                f"loss became non-finite at step {end.bad_step + 1} (epoch {state.epoch + 1}); "
+                "try a lower --lr. last.pt keeps the previous epoch.",
+            )
+            return end.outcome
+        if end.outcome is Outcome.INTERRUPTED:
+            state.step, state.partial = end.step, end.sums
+            save(t, results.LAST, state)
+            say_interrupted(t, f"at epoch {state.epoch + 1}, step {state.step}")
+            return end.outcome
+        finish_epoch(t, state, end)
+        if end.stop_requested and state.epoch < t.config.epochs:
+            say_interrupted(t, f"after epoch {state.epoch}")
+            return Outcome.INTERRUPTED
+    return Outcome.FINISHED
+
+
+def run(t: Training, state: RunState) -> Outcome:
+    """fit(), with Ctrl-C turned into a clean stop and a lost peer into one line."""
+    try:
+        with StopRequest() as stop:
+            return fit(t, state, stop)
+    except RuntimeError as err:  # gloo/NCCL report a dead or silent peer this way
+        if t.fabric.world_size == 1 or not lost_peer(err):
+            raise
+        print(
+            f"error: rank {t.fabric.global_rank} lost contact with the other processes "
+            f"({str(err).splitlines()[0][:160]}); last.pt holds the last finished epoch",
+            file=sys.stderr,
+            flush=True,
+        )
+        return Outcome.LOST_PEER
+
+
+# --- what the user sees ----------------------------------------------------------------------
 
 
 class StopRequest:
     """Ctrl-C (or SIGTERM) asks the loop to stop after the current step, never inside it,
     so last.pt is exact to the step. The previous handlers come back on exit."""
 
-    def __enter__(self) -> "StopRequest":
+    def __enter__(self) -> StopRequest:
         self.signal: int | None = None
         self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
         return self
@@ -257,259 +675,181 @@ class StopRequest:
         self.signal = signum
 
 
-def write_metrics(history: list[dict], out: Path) -> None:
-    tmp = out / ".metrics.csv.tmp"
-    with open(tmp, "w", newline="") as f:
+class StepTimer:
+    """Seconds spent in training steps, and the images/s since the last lap."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self._tick, self._steps = seconds, time.perf_counter(), 0
+
+    def lap(self, steps_so_far: int, images_per_step: int) -> float:
+        now = time.perf_counter()
+        self.seconds += now - self._tick
+        rate = (steps_so_far - self._steps) * images_per_step / max(now - self._tick, 1e-9)
+        self._tick, self._steps = now, steps_so_far
+        return rate
+
+
+def progress_bar(t: Training, state: RunState) -> tqdm:
+    return tqdm(
+        total=t.steps_per_epoch,
+        initial=state.step,
+        desc=f"epoch {state.epoch + 1}/{t.config.epochs}",
+        disable=not t.fabric.is_global_zero,
+        leave=False,
+        dynamic_ncols=True,
+        file=sys.stdout,
+    )
+
+
+def show_progress(bar: tqdm, sums: torch.Tensor, images: float, lr: float, img_per_s: float) -> None:
+    loss, correct = sums.tolist()  # a host sync: once per REFRESH_EVERY steps
+    bar.set_postfix(
+        loss=f"{loss / images:.3f}", acc=f"{correct / images:.3f}", lr=f"{lr:.3g}", img_s=f"{img_per_s:.0f}"
+    )
+
+
+def rank_zero_error(fabric: Fabric, message: str) -> None:
+    if fabric.is_global_zero:
+        print(f"\nerror: {message}", file=sys.stderr, flush=True)
+
+
+def say_interrupted(t: Training, where: str) -> None:
+    last = t.out / results.LAST
+    t.fabric.print(f"\ninterrupted: saved {last} {where}; continue with: python train.py --resume {last}")
+
+
+def print_plan(t: Training, state: RunState, explicit: set[str], resumed_from: str | None) -> None:
+    c, d, p = t.config, t.data, t.fabric.print
+    p(
+        f"data      {d.source}: train {len(d.train):,} images{' (balanced subset)' if c.subset else ''}, "
+        f"{d.monitor_name} {len(d.monitor):,}"
+    )
+    p(
+        f"device    {c.accelerator} x{t.fabric.world_size}, precision {c.precision}"
+        f"{' (auto)' if 'precision' not in explicit and not resumed_from else ''}, channels_last, "
+        f"compile {'on' if c.compile else 'off'}"
+    )
+    p(
+        f"schedule  {c.epochs} epochs x {t.steps_per_epoch} steps of {c.batch_size} "
+        f"({c.batch_size // t.fabric.world_size} per process), OneCycle peak lr {c.lr}, SGD Nesterov, "
+        f"wd {c.weight_decay}, label smoothing {c.label_smoothing}"
+    )
+    p("model     CIFAR ResNet-18, parameters per module:\n" + "\n".join(summary_lines(t.net)))
+    if c.epochs * t.steps_per_epoch < 100:
+        p(
+            f"note      only {c.epochs * t.steps_per_epoch} optimizer steps: too few for the warm-up and "
+            "for BatchNorm's running statistics, so expect low test accuracy; a smaller --batch-size "
+            "gives more steps"
+        )
+    if resumed_from:
+        p(f"resume    from {resumed_from}: epoch {state.epoch + 1}, step {state.step}")
+
+
+def write_metrics(history: list[dict], path: Path) -> None:
+    with atomic_write(path) as f:
         writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
         writer.writeheader()
         for row in history:
-            writer.writerow({k: (f"{row[k]:.6g}" if isinstance(row[k], float) else row[k]) for k in METRIC_COLUMNS})
-    os.replace(tmp, out / "metrics.csv")
+            writer.writerow(
+                {k: (f"{row[k]:.6g}" if isinstance(row[k], float) else row[k]) for k in METRIC_COLUMNS}
+            )
+
+
+def ranks_agree(t: Training) -> bool | None:
+    """DDP keeps every rank's weights identical: check it rather than assume it."""
+    if t.fabric.world_size == 1:
+        return None
+    sums = torch.stack([p.detach().double().sum() for p in t.net.parameters()])
+    highest = t.fabric.all_reduce(sums.clone(), reduce_op="max")
+    lowest = t.fabric.all_reduce(sums.clone(), reduce_op="min")
+    return bool(torch.equal(highest, lowest))
+
+
+def summarise(t: Training, state: RunState, total_s: float) -> dict:
+    history = state.history
+    train_s = sum(r["epoch_s"] for r in history)
+    images = sum(r["img_per_s"] * r["epoch_s"] for r in history)
+    written = [results.LAST, results.BEST, results.METRICS, results.CURVES, results.REPORT, results.SUMMARY]
+    return {
+        "final_monitor_acc": history[-1]["monitor_acc"] if history else None,
+        "monitor_set": t.data.monitor_name,
+        "best_rule": best_rule(t.config)
+        if t.config.val_split
+        else "final weights (no --val-split: the test set never chooses the model)",
+        "best_monitor_acc": state.best_acc if t.config.val_split else None,
+        "epochs": len(history),
+        "total_s": total_s,
+        "train_s": train_s,
+        "img_per_s": images / train_s if train_s else None,
+        "world_size": t.fabric.world_size,
+        "ranks_agree": ranks_agree(t),
+        "config": asdict(t.config),
+        "files": sorted(str(t.out / name) for name in written),
+    }
+
+
+def write_summary(t: Training, state: RunState, total_s: float) -> None:
+    summary = summarise(t, state, total_s)  # on every rank: it compares their weights
+    if t.fabric.is_global_zero:
+        with atomic_write(t.out / results.SUMMARY) as f:
+            json.dump(summary, f, indent=2)
+        write_report(t.out)
+        print_summary(summary, t.out)
+
+
+def print_summary(summary: dict, out: Path) -> None:
+    monitor = summary["monitor_set"]
+    print("\nsummary")
+    if summary["final_monitor_acc"] is not None:
+        print(f"  final {monitor} accuracy  {100 * summary['final_monitor_acc']:.2f}%")
+    best = summary["best_monitor_acc"]
+    print(
+        f"  best.pt rule          {summary['best_rule']}"
+        + (f" ({100 * best:.2f}%)" if best is not None else "")
+    )
+    if summary["world_size"] > 1:
+        agreed = "identical on every rank" if summary["ranks_agree"] else "DIFFER between ranks"
+        print(f"  ranks                 {summary['world_size']}, final weights {agreed}")
+    print(f"  total time            {summary['total_s']:.1f}s ({summary['train_s']:.1f}s in training steps)")
+    if summary["img_per_s"]:
+        print(f"  throughput            {summary['img_per_s']:,.0f} img/s")
+    print("  files                 " + "\n                        ".join(summary["files"]))
+    print(f"next: python evaluate.py --ckpt {out / results.BEST}")
+
+
+def lost_peer(err: BaseException) -> bool:
+    """Whether a collective failed because another process died, hung or left."""
+    text = str(err).lower()
+    markers = ("connection closed", "connection reset", "timed out", "timeout", "broken pipe", "nccl", "gloo")
+    return isinstance(err, torch.distributed.DistError) or any(m in text for m in markers)
+
+
+# --- the script ------------------------------------------------------------------------------
 
 
 @command
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
-    args, explicit = parse_args(argv)
+    args = parse_args(argv)
     resumed = load_checkpoint(args["resume"]) if "resume" in args else None
-    config = build_config(args, explicit, resumed)
-    out = Path(args.get("out") or (Path(args["resume"]).parent if resumed else "."))
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".*.pt.tmp*"):  # left by a process killed while writing
-        stale.unlink(missing_ok=True)
-    if (out / "last.pt").exists() and resumed is None and not args.get("overwrite"):
-        raise UsageError(f"{out / 'last.pt'} exists: pass --resume {out / 'last.pt'} to continue "
-                         "that run or --overwrite to replace it")
-    if args.get("overwrite") and int(os.environ.get("RANK", 0)) == 0:
-        remove_old_results(out)  # so report.html never mixes the old run's files in
+    config = build_config(args, resumed).for_device()
 
-    # --- data: decoded once, then one uint8 tensor per split ----------------------------
-    splits = load_cifar10(config["data"])
-    train_set, monitor_set, monitor_name = splits.train, splits.test, "test"
-    if config["val_split"]:
-        train_set, monitor_set = split_off_validation(train_set, config["val_split"], config["seed"])
-        monitor_name = "val"
-    if config["subset"]:
-        train_set = balanced_subset(train_set, config["subset"], config["seed"])
-
-    # --- device, precision, processes ---------------------------------------------------
     hardware.prepare_backend()
-    config["accelerator"] = hardware.resolve_accelerator(config["accelerator"])
-    if config["precision"] == "auto":
-        config["precision"] = hardware.default_precision(config["accelerator"])
-    if config["compile"] is None:
-        config["compile"] = config["accelerator"] == "cuda"
     fabric = make_fabric(config)
     fabric.launch()
-    world, rank = fabric.world_size, fabric.global_rank
-    if config["batch_size"] % world:
-        raise UsageError(f"--batch-size {config['batch_size']} must divide evenly over {world} processes")
-    local_batch = config["batch_size"] // world
-    device = fabric.device
-
-    fabric.seed_everything(config["seed"], verbose=False)
-    net = build_model(len(train_set.classes)).to(memory_format=torch.channels_last)
-    if resumed:
-        net.load_state_dict(resumed["model"])
-    optimizer = torch.optim.SGD(net.parameters(), lr=config["lr"], momentum=config["momentum"],
-                                nesterov=True, weight_decay=config["weight_decay"])
-    steps_per_epoch = math.ceil(len(train_set) / config["batch_size"])
-    scheduler = one_cycle(optimizer, config["lr"], config["epochs"] * steps_per_epoch)
-    model = torch.compile(net) if config["compile"] else net
-    model, optimizer = fabric.setup(model, optimizer)
-    ema = WeightAverage(net, config["ema"]) if config["ema"] else None
-
-    history: list[dict] = []
-    start_epoch, start_step, best_acc, partial = 0, 0, -1.0, [0.0, 0.0, 0, 0.0]
-    if resumed:
-        optimizer.load_state_dict(resumed["optimizer"])
-        if ema:
-            ema.model.load_state_dict(resumed["ema"])
-        scheduler.load_state_dict(resumed["scheduler"])
-        torch.set_rng_state(resumed["rng"]["torch"])
-        history, best_acc = list(resumed["history"]), resumed["best_acc"]
-        start_epoch, start_step, partial = resumed["epoch"], resumed["step"], list(resumed["partial"])
-
-    train_images, train_labels = train_set.images.to(device), train_set.labels.to(device)
-    monitor_images, monitor_labels = monitor_set.images.to(device), monitor_set.labels.to(device)
-    mean = torch.tensor(CIFAR10_MEAN, device=device)
-    std = torch.tensor(CIFAR10_STD, device=device)
-
-    fabric.print(f"data      {splits.source}: train {len(train_set):,} images"
-                 f"{' (balanced subset)' if config['subset'] else ''}, {monitor_name} {len(monitor_set):,}")
-    fabric.print(f"device    {config['accelerator']} x{world}, precision {config['precision']}"
-                 f"{' (auto)' if 'precision' not in explicit and not resumed else ''}, channels_last, "
-                 f"compile {'on' if config['compile'] else 'off'}")
-    fabric.print(f"schedule  {config['epochs']} epochs x {steps_per_epoch} steps of {config['batch_size']} "
-                 f"({local_batch} per process), OneCycle peak lr {config['lr']}, SGD Nesterov, "
-                 f"wd {config['weight_decay']}, label smoothing {config['label_smoothing']}")
-    fabric.print("model     CIFAR ResNet-18, parameters per module:\n" + "\n".join(summary_lines(net)))
-    if config["epochs"] * steps_per_epoch < 100:
-        fabric.print(f"note      only {config['epochs'] * steps_per_epoch} optimizer steps: too few for the "
-                     "warm-up and for BatchNorm's running statistics, so expect low test accuracy; "
-                     "a smaller --batch-size gives more steps")
-    if resumed:
-        fabric.print(f"resume    from {args['resume']}: epoch {start_epoch + 1}, step {start_step}")
-
-    versions, commit = library_versions(), git_commit()
-
-    def checkpoint(epoch: int, step: int) -> dict:
-        return {
-            "model": net.state_dict(), "optimizer": optimizer.state_dict(),
-            **({"ema": ema.model.state_dict()} if ema else {}),
-            "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step,
-            "partial": partial, "rng": {"torch": torch.get_rng_state()},
-            "config": config, "classes": train_set.classes, "mean": list(CIFAR10_MEAN),
-            "std": list(CIFAR10_STD), "history": history, "best_acc": best_acc,
-            "best_rule": "best validation accuracy" if config["val_split"] else "final weights",
-            "argv": sys.argv, "versions": versions, "git_commit": commit,
-        }
-
-    def save(name: str, state: dict) -> None:
-        # Rank 0 writes with our atomic writer; the others wait so no rank runs ahead of it.
-        if fabric.is_global_zero:
-            save_checkpoint(state, out / name)
-        fabric.barrier()
-
-    try:
-        with StopRequest() as stop:
-            written: set[str] = set()
-            stopping = False
-            model.train()
-            for epoch in range(start_epoch, config["epochs"]):
-                # The whole epoch's order and augmentation, drawn from (seed, epoch); this rank's part.
-                plan = plan_epoch(len(train_set), config["batch_size"], config["seed"], epoch)
-                plan = plan.shard(rank, world).to(device)
-                first = start_step if epoch == start_epoch else 0
-                restore = first and fabric.is_global_zero  # the saved sums are over all ranks
-                totals = torch.tensor(partial[:2] if restore else [0.0, 0.0], device=device, dtype=torch.float64)
-                seen = int(partial[2]) if restore else 0
-                bad_step = torch.tensor(-1, device=device)
-                epoch_time = partial[3] if first else 0.0  # seconds in training steps
-                bar = tqdm(total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{config['epochs']}",
-                           disable=not fabric.is_global_zero, leave=False, dynamic_ncols=True, file=sys.stdout)
-                tick, images_since = time.perf_counter(), 0
-                for step in range(first, steps_per_epoch):
-                    lr = scheduler.get_last_lr()[0]  # the rate this step uses
-                    loss, correct = train_step(fabric, model, optimizer, scheduler, train_images,
-                                               train_labels, plan.rows(step), mean, std, config)
-                    # Running sums stay on the device: no host sync here.
-                    totals += torch.stack([loss * local_batch, correct])
-                    seen += local_batch
-                    if ema:
-                        ema.update(net)
-                    bad_step.masked_fill_((bad_step < 0) & ~torch.isfinite(loss), epoch * steps_per_epoch + step)
-                    bar.update(1)
-                    images_since += local_batch * world
-                    last = step + 1 == steps_per_epoch
-                    if (step + 1) % REFRESH_EVERY == 0 or last or (world == 1 and stop.signal):
-                        # One reduce so every rank takes the same decision (stop, or a bad loss).
-                        flags = torch.stack([torch.tensor(float(stop.signal is not None), device=device),
-                                             bad_step.double()])
-                        flags = fabric.all_reduce(flags, reduce_op="max") if world > 1 else flags
-                        stop_now, first_bad = flags.tolist()
-                        if first_bad >= 0:
-                            if fabric.is_global_zero:
-                                print(f"\nerror: loss became non-finite at step {int(first_bad) + 1} "
-                                      f"(epoch {epoch + 1}); try a lower --lr. last.pt keeps the previous "
-                                      "epoch.", file=sys.stderr)
-                            return 1
-                        now = time.perf_counter()
-                        epoch_time += now - tick
-                        loss_sum, correct_sum = totals.tolist()
-                        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct_sum / seen:.3f}",
-                                        lr=f"{lr:.3g}",
-                                        img_s=f"{images_since / max(now - tick, 1e-9):.0f}")
-                        tick, images_since = now, 0
-                        stopping = bool(stop_now)
-                        if stopping and not last:
-                            # The epoch's running sums over all ranks; rank 0 restores them.
-                            sums = torch.cat([totals, torch.tensor([seen], device=device, dtype=torch.float64)])
-                            sums = fabric.all_reduce(sums, reduce_op="sum") if world > 1 else sums
-                            partial = [*sums.tolist(), epoch_time]
-                            save("last.pt", checkpoint(epoch, step + 1))
-                            bar.close()
-                            fabric.print(f"\ninterrupted: saved {out / 'last.pt'} at epoch {epoch + 1}, step {step + 1}; "
-                                         f"continue with: python train.py --resume {out / 'last.pt'}")
-                            return 130
-                bar.close()
-                sums = torch.cat([totals, torch.tensor([seen], device=device, dtype=torch.float64)])
-                loss_sum, correct_sum, count = fabric.all_reduce(sums, reduce_op="sum").tolist()
-                monitor_loss, monitor_acc = score(ema.model if ema else model, monitor_images,
-                                                  monitor_labels, mean, std, fabric)
-                row = {"epoch": epoch + 1, "train_loss": loss_sum / count, "train_acc": correct_sum / count,
-                       "monitor_loss": monitor_loss, "monitor_acc": monitor_acc, "lr": lr,
-                       "epoch_s": epoch_time, "img_per_s": count / max(epoch_time, 1e-9)}
-                history.append(row)
-                partial = [0.0, 0.0, 0, 0.0]
-                fabric.print(f"epoch {epoch + 1:>3}/{config['epochs']}  train loss {row['train_loss']:.4f} "
-                             f"acc {100 * row['train_acc']:5.2f}%  {monitor_name} loss {monitor_loss:.4f} "
-                             f"acc {100 * monitor_acc:5.2f}%  {epoch_time:6.1f}s  {row['img_per_s']:,.0f} img/s")
-                # With a validation split, keep its best epoch; without, the test set must not
-                # choose. best.pt goes first: a kill between the writes replays this epoch.
-                is_best = not config["val_split"] or monitor_acc > best_acc
-                if is_best:
-                    best_acc = monitor_acc
-                state = checkpoint(epoch + 1, 0)
-                if is_best:
-                    save("best.pt", state)
-                save("last.pt", state)
-                if fabric.is_global_zero:
-                    write_metrics(history, out)
-                    plot_curves(history, out / "curves.png", monitor_name)
-                    write_report(out)
-                written |= {"last.pt", "best.pt", "metrics.csv", "curves.png", "report.html"}
-                if stopping and epoch + 1 < config["epochs"]:
-                    fabric.print(f"interrupted: saved {out / 'last.pt'} after epoch {epoch + 1}; "
-                                 f"continue with: python train.py --resume {out / 'last.pt'}")
-                    return 130
-    except RuntimeError as err:  # gloo/NCCL report a dead or silent peer this way
-        if world == 1 or not lost_peer(err):
-            raise
-        print(f"error: rank {rank} lost contact with the other processes "
-              f"({str(err).splitlines()[0][:160]}); last.pt holds the last finished epoch",
-              file=sys.stderr, flush=True)
-        return 1
-
-    # --- summary ---------------------------------------------------------------------------
-    ranks_agree = None
-    if world > 1:
-        # DDP keeps every rank's weights identical: check it rather than assume it.
-        sums = torch.stack([p.detach().double().sum() for p in net.parameters()])
-        highest = fabric.all_reduce(sums.clone(), reduce_op="max")
-        lowest = fabric.all_reduce(sums.clone(), reduce_op="min")
-        ranks_agree = bool(torch.equal(highest, lowest))
-    total_s = time.perf_counter() - started
-    train_s = sum(r["epoch_s"] for r in history)
-    images = sum(r["img_per_s"] * r["epoch_s"] for r in history)
-    summary = {
-        "final_monitor_acc": history[-1]["monitor_acc"] if history else None,
-        "monitor_set": monitor_name, "best_rule": "best validation accuracy" if config["val_split"]
-        else "final weights (no --val-split: the test set never chooses the model)",
-        "best_monitor_acc": best_acc if config["val_split"] else None,
-        "epochs": len(history), "total_s": total_s, "train_s": train_s,
-        "img_per_s": images / train_s if train_s else None,
-        "world_size": world, "ranks_agree": ranks_agree,
-        "config": config, "files": sorted(str(out / f) for f in written | {"summary.json"}),
-    }
-    if fabric.is_global_zero:
-        with open(out / "summary.json", "w") as f:
-            json.dump(summary, f, indent=2)
-        write_report(out)
-        fabric.print("\nsummary")
-        if history:
-            fabric.print(f"  final {monitor_name} accuracy  {100 * history[-1]['monitor_acc']:.2f}%")
-        fabric.print(f"  best.pt rule          {summary['best_rule']}"
-                     + (f" ({100 * best_acc:.2f}%)" if config["val_split"] else ""))
-        if world > 1:
-            fabric.print(f"  ranks                 {world}, final weights "
-                         + ("identical on every rank" if ranks_agree else "DIFFER between ranks"))
-        fabric.print(f"  total time            {total_s:.1f}s ({train_s:.1f}s in training steps)")
-        if summary["img_per_s"]:
-            fabric.print(f"  throughput            {summary['img_per_s']:,.0f} img/s")
-        fabric.print("  files                 " + "\n                        ".join(summary["files"]))
-        fabric.print(f"next: python evaluate.py --ckpt {out / 'best.pt'}")
-    return 0
+    if config.batch_size % fabric.world_size:
+        raise UsageError(
+            f"--batch-size {config.batch_size} must divide evenly over {fabric.world_size} processes"
+        )
+    with results_folder(fabric, args, resumed) as out:
+        data = load_training_data(config, fabric.device)
+        t = build_training(fabric, config, data, out)
+        state = restore(t, resumed) if resumed else RunState()
+        print_plan(t, state, set(args), resumed and args["resume"])
+        outcome = run(t, state)
+        if outcome is Outcome.FINISHED:
+            write_summary(t, state, time.perf_counter() - started)
+    return EXIT_CODES[outcome]
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ evaluate.py also loads the checkpoint and data, computes the metrics and writes 
 pictures and files. Without --ckpt a freshly initialised model is saved and used (speed
 does not depend on the weights). Last line: `bare_s=<s> evaluate_s=<s> ratio=<evaluate/bare>`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,9 +42,17 @@ def main() -> None:
     ckpt = args.ckpt
     if ckpt is None:
         ckpt = work / "fresh.pt"
-        save_checkpoint({"model": build_model().state_dict(), "classes": splits.test.classes,
-                         "mean": list(CIFAR10_MEAN), "std": list(CIFAR10_STD), "epoch": 0,
-                         "config": {"data": args.data}}, ckpt)
+        save_checkpoint(
+            {
+                "model": build_model().state_dict(),
+                "classes": splits.test.classes,
+                "mean": list(CIFAR10_MEAN),
+                "std": list(CIFAR10_STD),
+                "epoch": 0,
+                "config": {"data": args.data},
+            },
+            ckpt,
+        )
 
     hardware.prepare_backend()
     accelerator = hardware.resolve_accelerator(args.accelerator)
@@ -57,20 +66,33 @@ def main() -> None:
         if accelerator == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        probs, _ = predict_probs(model, images, mean, std, args.batch_size,
-                                 hardware.autocast_dtype(precision))
+        probs, _ = predict_probs(
+            model, images, mean, std, args.batch_size, hardware.autocast_dtype(precision)
+        )
         probs.cpu()
         return time.perf_counter() - start
 
     bare()  # warm-up
     bare_s = min(bare() for _ in range(2))
     start = time.perf_counter()
-    code = evaluate.main(["--ckpt", str(ckpt), "--out", str(work), "--accelerator", accelerator,
-                          "--batch-size", str(args.batch_size)]
-                         + (["--data", args.data] if args.data else []))
+    code = evaluate.main(
+        [
+            "--ckpt",
+            str(ckpt),
+            "--out",
+            str(work),
+            "--accelerator",
+            accelerator,
+            "--batch-size",
+            str(args.batch_size),
+        ]
+        + (["--data", args.data] if args.data else [])
+    )
     evaluate_s = time.perf_counter() - start
     assert code == 0
-    print(f"\ndevice {accelerator}, precision {precision}, {len(images):,} test images, batch {args.batch_size}")
+    print(
+        f"\ndevice {accelerator}, precision {precision}, {len(images):,} test images, batch {args.batch_size}"
+    )
     print(f"bare forward {bare_s:.2f}s ({len(images) / bare_s:,.0f} img/s); evaluate.py {evaluate_s:.2f}s")
     print(f"bare_s={bare_s:.2f} evaluate_s={evaluate_s:.2f} ratio={evaluate_s / bare_s:.2f}")
 

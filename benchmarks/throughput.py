@@ -10,6 +10,7 @@ Both use the same Fabric precision, memory format and model. Blocks of (a) and (
 interleaved and the median block is reported, so drift in the machine's speed hits both.
 The last line is `bare=<img/s> train=<img/s> ratio=<train/bare>`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,6 +18,7 @@ import resource
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -27,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train  # noqa: E402  (the real training step)
 from common import hardware  # noqa: E402
 from common.augment import plan_epoch  # noqa: E402
-from common.data import CIFAR10_MEAN, CIFAR10_STD, normalize  # noqa: E402
+from common.data import CIFAR10_MEAN, CIFAR10_STD, Dataset  # noqa: E402
 from common.model import build_model  # noqa: E402
 
 
@@ -38,19 +40,26 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=None, help="default: 128 on CPU, 512 on GPU")
     p.add_argument("--steps", type=int, default=None, help="steps per timed block (default: 4 CPU, 50 GPU)")
     p.add_argument("--blocks", type=int, default=3, help="timed blocks of each kind (default 3)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile (default: as train.py, on for CUDA)")
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile (default: as train.py, on for CUDA)",
+    )
     args = p.parse_args()
 
     hardware.prepare_backend()
-    accelerator = hardware.resolve_accelerator(args.accelerator)
-    on_gpu = accelerator == "cuda"
-    precision = hardware.default_precision(accelerator) if args.precision == "auto" else args.precision
-    compile_model = on_gpu if args.compile is None else args.compile
+    config = train.TrainConfig(
+        accelerator=args.accelerator,
+        precision=args.precision,
+        compile=args.compile,
+        batch_size=args.batch_size or 1,
+    ).for_device()
+    on_gpu = config.accelerator == "cuda"
     batch = args.batch_size or (512 if on_gpu else 128)
     steps = args.steps or (50 if on_gpu else 4)
-    config = {**train.DEFAULTS, "accelerator": accelerator, "precision": precision, "devices": 1,
-              "batch_size": batch, "lr": 0.01}
+    config = replace(config, batch_size=batch, lr=0.01)
+    accelerator, precision, compile_model = config.accelerator, config.precision, config.compile
 
     fabric = train.make_fabric(config)
     fabric.launch()
@@ -63,13 +72,13 @@ def main() -> None:
     scheduler = train.one_cycle(optimizer, 0.01, total_steps)
     model, optimizer = fabric.setup(torch.compile(net) if compile_model else net, optimizer)
 
-    mean = torch.tensor(CIFAR10_MEAN, device=device)
-    std = torch.tensor(CIFAR10_STD, device=device)
     gen = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (n_images, 3, 32, 32), dtype=torch.uint8, generator=gen).to(device)
-    labels = torch.randint(0, 10, (n_images,), generator=gen).to(device)
-    fixed_x = normalize(images[:batch], mean, std).contiguous(memory_format=torch.channels_last)
-    fixed_y = labels[:batch]
+    images = torch.randint(0, 256, (n_images, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    labels = torch.randint(0, 10, (n_images,), generator=gen)
+    synthetic = Dataset(images, labels, [str(c) for c in range(10)]).to(device)
+    mean, std = torch.tensor(CIFAR10_MEAN, device=device), torch.tensor(CIFAR10_STD, device=device)
+    first = plan_epoch(n_images, batch, seed=0, epoch=0).to(device).rows(0)
+    fixed_x, fixed_y = train.training_batch(synthetic, first, mean, std, config.cutout)
 
     def sync() -> None:
         if on_gpu:
@@ -79,7 +88,7 @@ def main() -> None:
         sync()
         start = time.perf_counter()
         for _ in range(steps):
-            loss = F.cross_entropy(model(fixed_x), fixed_y, label_smoothing=0.1)
+            loss = F.cross_entropy(model(fixed_x), fixed_y, label_smoothing=config.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             fabric.backward(loss)
             optimizer.step()
@@ -95,16 +104,21 @@ def main() -> None:
         sync()
         start = time.perf_counter()
         for step in range(steps):
-            loss, correct = train.train_step(fabric, model, optimizer, scheduler, images, labels,
-                                             plan.rows(step), mean, std, config)
+            x, y = train.training_batch(synthetic, plan.rows(step), mean, std, config.cutout)
+            loss, correct = train.train_step(
+                fabric, model, optimizer, scheduler, x, y, config.label_smoothing
+            )
             totals += torch.stack([loss * batch, correct])
         totals.tolist()  # the epoch's one read of the sums
         sync()
         return batch * steps / (time.perf_counter() - start)
 
-    print(f"device {accelerator} ({torch.cuda.get_device_name() if on_gpu else hardware.cpu_name()}), "
-          f"precision {precision}, channels_last, compile {'on' if compile_model else 'off'}, "
-          f"batch {batch}, {steps} steps x {args.blocks} blocks each", flush=True)
+    print(
+        f"device {accelerator} ({torch.cuda.get_device_name() if on_gpu else hardware.cpu_name()}), "
+        f"precision {precision}, channels_last, compile {'on' if compile_model else 'off'}, "
+        f"batch {batch}, {steps} steps x {args.blocks} blocks each",
+        flush=True,
+    )
     start = time.perf_counter()
     bare_block(), train_block()  # warm-up: allocator, cudnn autotune, compile
     print(f"warm-up {time.perf_counter() - start:.1f}s", flush=True)
@@ -118,7 +132,9 @@ def main() -> None:
     if on_gpu:
         print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
     else:
-        print(f"peak process memory (RSS) {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+        print(
+            f"peak process memory (RSS) {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
+        )
     b, t = statistics.median(bare), statistics.median(real)
     print(f"bare={b:.1f} train={t:.1f} ratio={t / b:.3f}")
 

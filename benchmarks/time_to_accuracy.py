@@ -8,6 +8,7 @@ and reads its metrics.csv and summary.json. "train time" sums the epochs' time i
 training steps (as airbench counts); "wall" is the whole process, start-up, data,
 monitor evaluation, compile and checkpoints included. Meant for a GPU; on CPU pass --subset.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,10 +43,15 @@ def main() -> None:
     summary = json.loads((out / "summary.json").read_text())
     import torch
 
-    device = (torch.cuda.get_device_name() if summary["config"]["accelerator"] == "cuda"
-              else f"CPU ({__import__('common.hardware', fromlist=['x']).cpu_name()})")
-    print(f"\ndevice {device}, precision {summary['config']['precision']}, "
-          f"{len(rows)} epochs, batch {summary['config']['batch_size']}")
+    device = (
+        torch.cuda.get_device_name()
+        if summary["config"]["accelerator"] == "cuda"
+        else f"CPU ({__import__('common.hardware', fromlist=['x']).cpu_name()})"
+    )
+    print(
+        f"\ndevice {device}, precision {summary['config']['precision']}, "
+        f"{len(rows)} epochs, batch {summary['config']['batch_size']}"
+    )
     train_time = 0.0
     reached = {}
     for row in rows:
@@ -59,8 +65,10 @@ def main() -> None:
             print(f"  {100 * target:.0f}%: {t:7.1f}s of training (epoch {epoch})")
         else:
             print(f"  {100 * target:.0f}%: not reached")
-    print(f"  final {summary['monitor_set']} accuracy {100 * float(rows[-1]['monitor_acc']):.2f}%, "
-          f"train time {train_time:.1f}s, wall {wall:.1f}s")
+    print(
+        f"  final {summary['monitor_set']} accuracy {100 * float(rows[-1]['monitor_acc']):.2f}%, "
+        f"train time {train_time:.1f}s, wall {wall:.1f}s"
+    )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ a whole epoch are drawn at its start from a generator seeded by (seed, epoch), s
 i of epoch e is augmented the same way whatever the world size, and a resumed run
 replays the same epoch exactly.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -16,33 +17,39 @@ import torch
 @dataclass
 class EpochPlan:
     """Order and augmentation parameters of one epoch, one row per position."""
+
     order: torch.Tensor  # int64 (steps*batch,), indices into the training set
     shift: torch.Tensor  # int64 (steps*batch, 2), crop offsets in [0, 2*pad]
     flip: torch.Tensor  # bool (steps*batch,)
     cutout: torch.Tensor  # int64 (steps*batch, 2), cutout centres in [0, 32)
     batch: int  # images per step in these rows
 
-    def to(self, device: torch.device) -> "EpochPlan":
-        return EpochPlan(*(t.to(device) for t in (self.order, self.shift, self.flip, self.cutout)),
-                         self.batch)
+    def to(self, device: torch.device) -> EpochPlan:
+        return EpochPlan(
+            *(t.to(device) for t in (self.order, self.shift, self.flip, self.cutout)), self.batch
+        )
 
-    def rows(self, step: int) -> "EpochPlan":
+    def rows(self, step: int) -> EpochPlan:
         """The rows of one step."""
         part = slice(step * self.batch, (step + 1) * self.batch)
         return EpochPlan(*(t[part] for t in (self.order, self.shift, self.flip, self.cutout)), self.batch)
 
-    def shard(self, rank: int, world: int) -> "EpochPlan":
+    def shard(self, rank: int, world: int) -> EpochPlan:
         """This rank's rows: each global batch is cut into `world` consecutive pieces."""
+
         def mine(t: torch.Tensor) -> torch.Tensor:
             steps = len(self.order) // self.batch
             t = t.view(steps, world, self.batch // world, *t.shape[1:])[:, rank]
             return t.reshape(-1, *t.shape[2:])
-        return EpochPlan(*(mine(t) for t in (self.order, self.shift, self.flip, self.cutout)),
-                         self.batch // world)
+
+        return EpochPlan(
+            *(mine(t) for t in (self.order, self.shift, self.flip, self.cutout)), self.batch // world
+        )
 
 
-def plan_epoch(n_images: int, global_batch: int, seed: int, epoch: int, pad: int = 4,
-               size: int = 32) -> EpochPlan:
+def plan_epoch(
+    n_images: int, global_batch: int, seed: int, epoch: int, pad: int = 4, size: int = 32
+) -> EpochPlan:
     """Shuffle and draw augmentation for one epoch.
 
     The order is padded by wrapping around so every step has exactly `global_batch` images
@@ -59,8 +66,14 @@ def plan_epoch(n_images: int, global_batch: int, seed: int, epoch: int, pad: int
     return EpochPlan(order, shift, flip, cutout, global_batch)
 
 
-def augment(images: torch.Tensor, shift: torch.Tensor, flip: torch.Tensor, cutout: torch.Tensor,
-            pad: int = 4, cutout_size: int = 8) -> torch.Tensor:
+def augment(
+    images: torch.Tensor,
+    shift: torch.Tensor,
+    flip: torch.Tensor,
+    cutout: torch.Tensor,
+    pad: int = 4,
+    cutout_size: int = 8,
+) -> torch.Tensor:
     """Crop (after zero padding), flip and cut out, each sample with its own parameters.
 
     images: (B,C,H,W) of any dtype on any device; returns the same shape and dtype.
@@ -81,7 +94,11 @@ def augment(images: torch.Tensor, shift: torch.Tensor, flip: torch.Tensor, cutou
         cy, cx = cutout[:, 0].view(b, 1, 1), cutout[:, 1].view(b, 1, 1)
         half = cutout_size // 2
         # A square of side cutout_size around the centre, clipped at the border.
-        hole = (ys >= cy - half) & (ys < cy - half + cutout_size) & \
-               (xs >= cx - half) & (xs < cx - half + cutout_size)
+        hole = (
+            (ys >= cy - half)
+            & (ys < cy - half + cutout_size)
+            & (xs >= cx - half)
+            & (xs < cx - half + cutout_size)
+        )
         images = images.masked_fill(hole.unsqueeze(1), 0)
     return images

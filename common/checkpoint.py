@@ -5,6 +5,7 @@ interrupted epoch), rng, config, classes, mean, std, history, best_acc, best_rul
 versions, git_commit, and ema with --ema. evaluate.py and explain.py need nothing
 else. Writes are atomic (temp file + rename), so a crash never leaves half a file.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,6 +17,7 @@ from typing import Any
 
 import torch
 
+from common.atomic import atomic_write
 from common.data import Splits, load_cifar10
 from common.model import ResNet18, build_model, strip_wrapper_prefixes
 
@@ -28,23 +30,8 @@ class CheckpointError(Exception):
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
     """Write atomically: a reader sees the old file or the new one, never a torn one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:  # disk full, file-size limit, ...: the old file is left as it was
-        raise OSError(err.errno, f"could not write {path.name} ({err.strerror}); "
-                      f"the previous {path.name}, if any, is unharmed", str(path)) from None
-    except RuntimeError as err:  # torch.save reports some write failures this way
-        raise OSError(None, f"could not write {path.name} ({str(err).splitlines()[0][:80]}); "
-                      f"the previous {path.name}, if any, is unharmed", str(path)) from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_write(path, "wb") as f:
+        torch.save(state, f)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -56,15 +43,19 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "Unsupported global" in str(err):  # a class or function: unpickling could run code
-            raise CheckpointError(f"{path} holds objects other than tensors and plain data; "
-                                  "refusing to unpickle it (it could run code)") from None
+            raise CheckpointError(
+                f"{path} holds objects other than tensors and plain data; "
+                "refusing to unpickle it (it could run code)"
+            ) from None
         raise CheckpointError(f"{path} is not a readable checkpoint (not a torch file)") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
-        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or not a torch "
-                              f"file: {type(err).__name__})") from None
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint (truncated or not a torch file: {type(err).__name__})"
+        ) from None
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
-        raise CheckpointError(f"{path} is not a cifar-cam checkpoint (expected a dict with "
-                              f"{', '.join(REQUIRED_KEYS)})")
+        raise CheckpointError(
+            f"{path} is not a cifar-cam checkpoint (expected a dict with {', '.join(REQUIRED_KEYS)})"
+        )
     return state
 
 
@@ -79,8 +70,9 @@ def model_from_checkpoint(state: dict[str, Any], weights: str = "model") -> ResN
     try:
         model.load_state_dict(strip_wrapper_prefixes(state[weights]))
     except RuntimeError as err:
-        raise CheckpointError(f"checkpoint weights do not fit the CIFAR ResNet-18: "
-                              f"{str(err).splitlines()[0]}") from None
+        raise CheckpointError(
+            f"checkpoint weights do not fit the CIFAR ResNet-18: {str(err).splitlines()[0]}"
+        ) from None
     return model.eval()
 
 
@@ -89,8 +81,10 @@ def data_for(state: dict[str, Any], override: str | None) -> Splits:
     class names differ: the checkpoint's outputs mean its class names."""
     splits = load_cifar10(override if override is not None else state["config"].get("data"))
     if list(state["classes"]) != list(splits.test.classes):
-        raise CheckpointError(f"the checkpoint's classes {list(state['classes'])} differ from the "
-                              f"data's {list(splits.test.classes)} ({splits.source})")
+        raise CheckpointError(
+            f"the checkpoint's classes {list(state['classes'])} differ from the "
+            f"data's {list(splits.test.classes)} ({splits.source})"
+        )
     return splits
 
 
@@ -99,15 +93,24 @@ def library_versions() -> dict[str, str]:
     import torchmetrics
     import torchvision
 
-    return {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
-            "lightning": str(lightning.__version__), "torchmetrics": str(torchmetrics.__version__)}
+    return {
+        "torch": str(torch.__version__),
+        "torchvision": str(torchvision.__version__),
+        "lightning": str(lightning.__version__),
+        "torchmetrics": str(torchmetrics.__version__),
+    }
 
 
 def git_commit() -> str:
     """The commit of the code that trained, or '' outside a git checkout."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=5, cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
         return out.stdout.strip() if out.returncode == 0 else ""
     except (OSError, subprocess.TimeoutExpired):
         return ""

@@ -13,6 +13,7 @@ class names, in a fixed order. Sources, by what `--data` points at:
 Decoded tensors are cached under `$XDG_CACHE_HOME/cifar-cam/` so the second start is fast.
 Bad data raises `DataError` with one line for the user.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -24,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from common.atomic import atomic_write
 
 # Per-channel statistics of the CIFAR-10 training set; stored in every checkpoint.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -45,8 +48,11 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def select(self, index: torch.Tensor) -> "Dataset":
+    def select(self, index: torch.Tensor) -> Dataset:
         return Dataset(self.images[index], self.labels[index], self.classes)
+
+    def to(self, device: torch.device | str) -> Dataset:
+        return Dataset(self.images.to(device), self.labels.to(device), self.classes)
 
 
 @dataclass
@@ -87,23 +93,28 @@ def _cached(key: tuple, loader, root) -> Splits:
     if cache_file.exists():
         try:
             blob = torch.load(cache_file, weights_only=True)
-            return Splits(Dataset(blob["train_x"], blob["train_y"], blob["classes"]),
-                          Dataset(blob["test_x"], blob["test_y"], blob["classes"]), blob["source"])
+            return Splits(
+                Dataset(blob["train_x"], blob["train_y"], blob["classes"]),
+                Dataset(blob["test_x"], blob["test_y"], blob["classes"]),
+                blob["source"],
+            )
         except Exception:
             pass  # a damaged cache file is rebuilt below
     splits = loader(root)
-    blob = {"train_x": splits.train.images, "train_y": splits.train.labels,
-            "test_x": splits.test.images, "test_y": splits.test.labels,
-            "classes": splits.train.classes, "source": splits.source}
-    tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
+    blob = {
+        "train_x": splits.train.images,
+        "train_y": splits.train.labels,
+        "test_x": splits.test.images,
+        "test_y": splits.test.labels,
+        "classes": splits.train.classes,
+        "source": splits.source,
+    }
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(blob, tmp)
-        os.replace(tmp, cache_file)
-    except (OSError, RuntimeError):
+        with atomic_write(cache_file, "wb") as f:
+            torch.save(blob, f)
+    except OSError:
         pass  # a read-only or full cache only costs speed
-    finally:
-        tmp.unlink(missing_ok=True)
     return splits
 
 
@@ -114,12 +125,12 @@ def _fingerprint(root: Path) -> tuple:
         dirnames.sort()
         for name in sorted(filenames):
             st = os.stat(os.path.join(dirpath, name))
-            entries.append((os.path.relpath(os.path.join(dirpath, name), root), st.st_size,
-                            st.st_mtime_ns))
+            entries.append((os.path.relpath(os.path.join(dirpath, name), root), st.st_size, st.st_mtime_ns))
     return (str(root), hashlib.sha256(repr(entries).encode()).hexdigest())
 
 
 # --- torchvision download -------------------------------------------------------------
+
 
 def _load_download(root: str) -> Splits:
     import fcntl
@@ -137,7 +148,8 @@ def _load_download(root: str) -> Splits:
         reason = str(err).splitlines()[0][:100] if str(err) else type(err).__name__
         raise DataError(
             "could not download CIFAR-10; pass --data PATH to a cifar-10-batches-py folder, an "
-            f"image folder or a .tar.gz of one (download into {root} failed: {reason})") from None
+            f"image folder or a .tar.gz of one (download into {root} failed: {reason})"
+        ) from None
 
     def to_dataset(ds) -> Dataset:
         images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
@@ -147,6 +159,7 @@ def _load_download(root: str) -> Splits:
 
 
 # --- CIFAR-10 python batches ----------------------------------------------------------
+
 
 def _find_pickle_root(path: Path) -> Path | None:
     for candidate in (path, path / "cifar-10-batches-py"):
@@ -198,6 +211,7 @@ def _load_pickle_batches(root: Path) -> Splits:
 
 # --- image folders --------------------------------------------------------------------
 
+
 def _find_image_root(path: Path) -> Path:
     if (path / "train").is_dir() and (path / "test").is_dir():
         return path
@@ -219,10 +233,15 @@ def _load_image_folder(root: Path) -> Splits:
     if train_classes != test_classes:
         only_train = sorted(set(train_classes) - set(test_classes))
         only_test = sorted(set(test_classes) - set(train_classes))
-        raise DataError(f"train and test class folders differ in {root}: only in train "
-                        f"{only_train}, only in test {only_test}")
-    return Splits(_read_split(root / "train", train_classes),
-                  _read_split(root / "test", train_classes), f"image folder ({root})")
+        raise DataError(
+            f"train and test class folders differ in {root}: only in train "
+            f"{only_train}, only in test {only_test}"
+        )
+    return Splits(
+        _read_split(root / "train", train_classes),
+        _read_split(root / "test", train_classes),
+        f"image folder ({root})",
+    )
 
 
 def _read_split(split_dir: Path, classes: list[str]) -> Dataset:
@@ -230,8 +249,7 @@ def _read_split(split_dir: Path, classes: list[str]) -> Dataset:
 
     files: list[tuple[Path, int]] = []
     for label, name in enumerate(classes):
-        found = sorted(p for p in (split_dir / name).iterdir()
-                       if p.is_file() and not p.name.startswith("."))
+        found = sorted(p for p in (split_dir / name).iterdir() if p.is_file() and not p.name.startswith("."))
         if not found:
             raise DataError(f"empty class folder: {split_dir / name}")
         files.extend((p, label) for p in found)
@@ -246,6 +264,24 @@ def _read_split(split_dir: Path, classes: list[str]) -> Dataset:
             raise DataError(f"not an image: {file}") from None
     labels = torch.tensor([label for _, label in files], dtype=torch.int64)
     return Dataset(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels, list(classes))
+
+
+def write_image_folder(
+    root: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], classes: list[str]
+) -> Path:
+    """Write arrays as the image-folder layout this loader reads: root/<split>/<class>/NNNNN.png.
+
+    splits: {"train": (images (N,32,32,3) uint8, labels (N,)), "test": ...}. Used to make
+    synthetic data sets (the tests, benchmarks/pointing_game.py).
+    """
+    from PIL import Image
+
+    for split, (images, labels) in splits.items():
+        for c in classes:
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+        for i, (img, label) in enumerate(zip(images, labels)):
+            Image.fromarray(img).save(root / split / classes[label] / f"{i:05d}.png")
+    return root
 
 
 def _unpack_once(archive: Path) -> Path:
@@ -274,6 +310,7 @@ def _unpack_once(archive: Path) -> Path:
 
 
 # --- splits used by training ----------------------------------------------------------
+
 
 def split_off_validation(train: Dataset, n_val: int, seed: int) -> tuple[Dataset, Dataset]:
     """Hold `n_val` random training images out, as a validation set."""

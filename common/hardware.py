@@ -9,6 +9,7 @@ The rule was chosen by measurement (benchmarks/throughput.py and README "Perform
 - other CPUs: fp32, channels_last. On an AVX-512 CPU without them bf16 autocast was slower
   than fp32 (50 against 61 img/s).
 """
+
 from __future__ import annotations
 
 import os

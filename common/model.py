@@ -3,6 +3,7 @@
 11,173,962 parameters. Module names (conv1 bn1 layer1..layer4 linear, and a
 `shortcut` per block) are part of the interface: explain.py's `--layer` uses them.
 """
+
 from __future__ import annotations
 
 import torch

@@ -1,10 +1,11 @@
 """Command-line plumbing shared by the three scripts: parsers and one-line errors."""
+
 from __future__ import annotations
 
 import argparse
 import functools
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 
 class UsageError(Exception):
@@ -40,14 +41,24 @@ def positive_float(text: str) -> float:
 
 
 def add_data_option(parser: argparse.ArgumentParser, help_default: str, default=None) -> None:
-    parser.add_argument("--data", default=default, metavar="PATH", help=(
-        "CIFAR-10 source: a cifar-10-batches-py folder, an image folder with train/<class>/ "
-        f"and test/<class>/, or a .tar.gz of one; {help_default}"))
+    parser.add_argument(
+        "--data",
+        default=default,
+        metavar="PATH",
+        help=(
+            "CIFAR-10 source: a cifar-10-batches-py folder, an image folder with train/<class>/ "
+            f"and test/<class>/, or a .tar.gz of one; {help_default}"
+        ),
+    )
 
 
 def add_accelerator_option(parser: argparse.ArgumentParser, default="auto") -> None:
-    parser.add_argument("--accelerator", default=default, choices=("auto", "cpu", "cuda", "gpu"),
-                        help="device to run on (default: auto, a GPU when there is one)")
+    parser.add_argument(
+        "--accelerator",
+        default=default,
+        choices=("auto", "cpu", "cuda", "gpu"),
+        help="device to run on (default: auto, a GPU when there is one)",
+    )
 
 
 def command(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:

@@ -1,10 +1,10 @@
 """The pictures: training curves, confusion matrix, image galleries."""
+
 from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 import matplotlib
 
@@ -13,17 +13,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from common.atomic import atomic_write  # noqa: E402
+
 
 def _save(fig: plt.Figure, path: str | os.PathLike) -> None:
-    """Atomic: a hidden temporary file, renamed when complete."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
     try:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
+        with atomic_write(path, "wb") as f:
+            fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
 
 
 def plot_curves(history: Sequence[dict], path: str | os.PathLike, monitor_name: str) -> None:
@@ -44,8 +42,7 @@ def plot_curves(history: Sequence[dict], path: str | os.PathLike, monitor_name: 
     _save(fig, path)
 
 
-def plot_confusion(matrix: torch.Tensor, classes: Sequence[str], path: str | os.PathLike,
-                   title: str) -> None:
+def plot_confusion(matrix: torch.Tensor, classes: Sequence[str], path: str | os.PathLike, title: str) -> None:
     """Uses torchmetrics' own confusion-matrix plot; rows are true classes."""
     from torchmetrics.utilities.plot import plot_confusion_matrix
 
@@ -63,8 +60,9 @@ def to_hwc(image: torch.Tensor) -> np.ndarray:
     return image.permute(1, 2, 0).cpu().numpy()
 
 
-def plot_gallery(images: torch.Tensor, captions: Sequence[str], path: str | os.PathLike,
-                 title: str, columns: int = 8) -> None:
+def plot_gallery(
+    images: torch.Tensor, captions: Sequence[str], path: str | os.PathLike, title: str, columns: int = 8
+) -> None:
     """A grid of uint8 (N,3,H,W) images, each with a caption under it."""
     n = max(1, len(images))
     rows = math.ceil(n / columns)
@@ -81,8 +79,12 @@ def plot_gallery(images: torch.Tensor, captions: Sequence[str], path: str | os.P
     _save(fig, path)
 
 
-def plot_cam_grid(rows: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, str, str, str]],
-                  path: str | os.PathLike, title: str, per_row: int = 4) -> None:
+def plot_cam_grid(
+    rows: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, str, str, str]],
+    path: str | os.PathLike,
+    title: str,
+    per_row: int = 4,
+) -> None:
     """Triplets of pictures: the image, its CAM for the predicted class, for the true class.
 
     rows: (image HWC uint8, overlay for predicted, overlay for true, caption x3), laid out
@@ -97,8 +99,9 @@ def plot_cam_grid(rows: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, str, 
     grid = fig.add_gridspec(grid_rows, len(ratios), width_ratios=ratios, wspace=0.05, hspace=0.55)
     for k, (image, over_pred, over_true, cap_img, cap_pred, cap_true) in enumerate(rows):
         r, c = divmod(k, per_row)
-        for j, (picture, caption) in enumerate(zip((image, over_pred, over_true),
-                                                  (cap_img, cap_pred, cap_true))):
+        for j, (picture, caption) in enumerate(
+            zip((image, over_pred, over_true), (cap_img, cap_pred, cap_true))
+        ):
             ax = fig.add_subplot(grid[r, 4 * c + j])
             ax.imshow(picture, interpolation="nearest")
             ax.set_title(caption, fontsize=7)
@@ -111,8 +114,9 @@ def plot_cam_grid(rows: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, str, 
     _save(fig, path)
 
 
-def plot_reliability(confidence: torch.Tensor, correct: torch.Tensor, path: str | os.PathLike,
-                     ece: float, bins: int = 15) -> None:
+def plot_reliability(
+    confidence: torch.Tensor, correct: torch.Tensor, path: str | os.PathLike, ece: float, bins: int = 15
+) -> None:
     """Reliability diagram: accuracy against confidence in equal-width bins, with the share
     of images per bin underneath. A calibrated model sits on the diagonal."""
     edges = torch.linspace(0, 1, bins + 1)
@@ -125,14 +129,26 @@ def plot_reliability(confidence: torch.Tensor, correct: torch.Tensor, path: str 
     mean_conf = torch.where(filled, conf_sum / counts.clamp_min(1), torch.nan)
     centres = (edges[:-1] + edges[1:]) / 2
     width = 1 / bins
-    fig, (ax, ax_n) = plt.subplots(2, 1, figsize=(5.5, 6.5), sharex=True,
-                                   gridspec_kw={"height_ratios": [3, 1]})
+    fig, (ax, ax_n) = plt.subplots(
+        2, 1, figsize=(5.5, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+    )
     ax.bar(centres, accuracy.nan_to_num(0), width=width * 0.95, color="tab:blue", label="accuracy")
-    ax.plot(centres[filled], mean_conf[filled], "_", color="tab:red", markersize=14, mew=2.5,
-            label="mean confidence in bin")
+    ax.plot(
+        centres[filled],
+        mean_conf[filled],
+        "_",
+        color="tab:red",
+        markersize=14,
+        mew=2.5,
+        label="mean confidence in bin",
+    )
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
-    ax.set(ylabel="accuracy in bin", xlim=(0, 1), ylim=(0, 1),
-           title=f"Reliability diagram: ECE {100 * ece:.2f}% ({bins} bins)")
+    ax.set(
+        ylabel="accuracy in bin",
+        xlim=(0, 1),
+        ylim=(0, 1),
+        title=f"Reliability diagram: ECE {100 * ece:.2f}% ({bins} bins)",
+    )
     ax.legend(loc="upper left", fontsize=8)
     ax.grid(alpha=0.3)
     ax_n.bar(centres, counts / counts.sum(), width=width * 0.95, color="tab:gray")
@@ -142,9 +158,14 @@ def plot_reliability(confidence: torch.Tensor, correct: torch.Tensor, path: str 
     _save(fig, path)
 
 
-def plot_cam_comparison(images: Sequence[np.ndarray], overlays: Sequence[Sequence[np.ndarray]],
-                        row_captions: Sequence[str], column_titles: Sequence[str],
-                        path: str | os.PathLike, title: str) -> None:
+def plot_cam_comparison(
+    images: Sequence[np.ndarray],
+    overlays: Sequence[Sequence[np.ndarray]],
+    row_captions: Sequence[str],
+    column_titles: Sequence[str],
+    path: str | os.PathLike,
+    title: str,
+) -> None:
     """One row per image: the image, then one CAM overlay per column (method and layer)."""
     n_rows, n_cols = max(1, len(images)), 1 + len(column_titles)
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.45 * n_cols, 1.6 * n_rows + 0.9), squeeze=False)

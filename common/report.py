@@ -6,16 +6,20 @@ gradcam*.png, explanations.json, selfcheck.json) and writes ``folder/report.html
 pictures inlined as base64 data URIs, inline CSS, no script, no link to anything. Every
 section is optional; a missing or unreadable file only leaves its part out.
 """
+
 from __future__ import annotations
 
 import base64
 import csv
 import json
 import os
-import tempfile
+from collections.abc import Callable
 from html import escape
 from pathlib import Path
 from typing import Any
+
+from common import results
+from common.atomic import atomic_write
 
 CSS = """
 body{font:15px/1.45 system-ui,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;color:#1d2330;
@@ -91,13 +95,18 @@ def _figure(path: Path, caption: str = "") -> str:
 def _table(head: list[str], rows: list[list], left: int = 1) -> str:
     """Cells are HTML already (escaped by the caller); a cell may be a ('class', html) pair.
     The first `left` columns (names) are left-aligned, the rest (numbers) right-aligned."""
+
     def cell(i: int, c: Any, tag: str = "td") -> str:
         cls, c = c if isinstance(c, tuple) else ("", c)
         cls = " ".join(filter(None, [cls, "l" if i < left else ""]))
         return f'<{tag} class="{cls}">{c}</{tag}>' if cls else f"<{tag}>{c}</{tag}>"
+
     body = "".join("<tr>" + "".join(cell(i, c) for i, c in enumerate(row)) + "</tr>" for row in rows)
-    return ("<table><thead><tr>" + "".join(cell(i, escape(h), "th") for i, h in enumerate(head))
-            + f"</tr></thead><tbody>{body}</tbody></table>")
+    return (
+        "<table><thead><tr>"
+        + "".join(cell(i, escape(h), "th") for i, h in enumerate(head))
+        + f"</tr></thead><tbody>{body}</tbody></table>"
+    )
 
 
 def _section(title: str, parts: list[str]) -> str:
@@ -107,8 +116,11 @@ def _section(title: str, parts: list[str]) -> str:
 
 def _facts(items: list[tuple[str, Any, str | None, str]]) -> str:
     """A <p> of (before, value, spec, after) facts, those whose value is None left out."""
-    facts = [before + (f"<b>{_fmt(v, spec)}</b>" if spec else _text(v)) + after
-             for before, v, spec, after in items if v is not None]
+    facts = [
+        before + (f"<b>{_fmt(v, spec)}</b>" if spec else _text(v)) + after
+        for before, v, spec, after in items
+        if v is not None
+    ]
     return f'<p class="facts">{" · ".join(facts)}</p>' if facts else ""
 
 
@@ -117,94 +129,159 @@ def _header(summary: dict, evaluation: dict) -> str:
     tta = e["tta"] if isinstance(e.get("tta"), dict) else {}
     config = s["config"] if isinstance(s.get("config"), dict) else {}
     monitor = _text(s.get("monitor_set") or "monitor")
-    run = _facts([(f"final {monitor} accuracy ", s.get("final_monitor_acc"), "%", ""),
-                  ("", s.get("epochs"), "{:.0f}", " epochs"), ("", s.get("total_s"), "{:.1f}", " s in all"),
-                  ("", s.get("img_per_s"), "{:,.0f}", " img/s"), ("best.pt: ", s.get("best_rule"), None, "")])
-    test = _facts([("test accuracy ", e.get("accuracy"), "%", ""),
-                   ("on ", e.get("n_images"), "{:,.0f}", " images"), ("loss ", e.get("loss"), "{:.4f}", ""),
-                   ("with flip TTA ", tta.get("accuracy"), "%", ""), ("ECE ", e.get("ece"), "{:.4f}", ""),
-                   ("checkpoint ", e.get("checkpoint"), None, "")]) if e.get("accuracy") is not None else ""
+    run = _facts(
+        [
+            (f"final {monitor} accuracy ", s.get("final_monitor_acc"), "%", ""),
+            ("", s.get("epochs"), "{:.0f}", " epochs"),
+            ("", s.get("total_s"), "{:.1f}", " s in all"),
+            ("", s.get("img_per_s"), "{:,.0f}", " img/s"),
+            ("best.pt: ", s.get("best_rule"), None, ""),
+        ]
+    )
+    test = (
+        _facts(
+            [
+                ("test accuracy ", e.get("accuracy"), "%", ""),
+                ("on ", e.get("n_images"), "{:,.0f}", " images"),
+                ("loss ", e.get("loss"), "{:.4f}", ""),
+                ("with flip TTA ", tta.get("accuracy"), "%", ""),
+                ("ECE ", e.get("ece"), "{:.4f}", ""),
+                ("checkpoint ", e.get("checkpoint"), None, ""),
+            ]
+        )
+        if e.get("accuracy") is not None
+        else ""
+    )
     setup = ", ".join(f"{k}={v}" for k, v in config.items())
-    return ("<h1>cifar-cam report</h1>" + run + test
-            + (f'<p class="facts muted">config: {_text(setup)}</p>' if setup else ""))
+    return (
+        "<h1>cifar-cam report</h1>"
+        + run
+        + test
+        + (f'<p class="facts muted">config: {_text(setup)}</p>' if setup else "")
+    )
 
 
 def _training(folder: Path, monitor: str) -> str:
-    rows = _csv(folder / "metrics.csv")
-    cols = [("epoch", "epoch", "{:.0f}"), ("train_loss", "train loss", "{:.4f}"),
-            ("train_acc", "train acc", "%"), ("monitor_loss", f"{monitor} loss", "{:.4f}"),
-            ("monitor_acc", f"{monitor} acc", "%"), ("lr", "lr", "{:.4g}"),
-            ("epoch_s", "epoch s", "{:.1f}"), ("img_per_s", "img/s", "{:,.0f}")]
-    table = _table([c[1] for c in cols],
-                   [[_fmt(r.get(k), spec) for k, _, spec in cols] for r in rows]) if rows else ""
-    return _section("Training", [_figure(folder / "curves.png", "Training curves"), table])
+    rows = _csv(folder / results.METRICS)
+    cols = [
+        ("epoch", "epoch", "{:.0f}"),
+        ("train_loss", "train loss", "{:.4f}"),
+        ("train_acc", "train acc", "%"),
+        ("monitor_loss", f"{monitor} loss", "{:.4f}"),
+        ("monitor_acc", f"{monitor} acc", "%"),
+        ("lr", "lr", "{:.4g}"),
+        ("epoch_s", "epoch s", "{:.1f}"),
+        ("img_per_s", "img/s", "{:,.0f}"),
+    ]
+    table = (
+        _table([c[1] for c in cols], [[_fmt(r.get(k), spec) for k, _, spec in cols] for r in rows])
+        if rows
+        else ""
+    )
+    return _section("Training", [_figure(folder / results.CURVES, "Training curves"), table])
 
 
 def _test_set(folder: Path, evaluation: dict) -> str:
     per_class = evaluation.get("per_class")
     table = ""
     if isinstance(per_class, dict) and per_class:
-        table = _table(["class", "images", "accuracy", "precision", "recall"], [
-            [_text(name), _fmt(m.get("images"), "{:,.0f}"),
-             *(_fmt(m.get(k), "%") for k in ("accuracy", "precision", "recall"))]
-            for name, m in per_class.items() if isinstance(m, dict)])
+        table = _table(
+            ["class", "images", "accuracy", "precision", "recall"],
+            [
+                [
+                    _text(name),
+                    _fmt(m.get("images"), "{:,.0f}"),
+                    *(_fmt(m.get(k), "%") for k in ("accuracy", "precision", "recall")),
+                ]
+                for name, m in per_class.items()
+                if isinstance(m, dict)
+            ],
+        )
     ece = evaluation.get("ece")
-    calibration = _figure(folder / "calibration.png", "Calibration (reliability diagram)"
-                          + (f", ECE {_fmt(ece, '{:.4f}')}" if ece is not None else ""))
-    return _section("Test set", [table, _figure(folder / "confusion_matrix.png",
-                                                "Confusion matrix (rows: true class)"), calibration])
+    calibration = _figure(
+        folder / results.CALIBRATION,
+        "Calibration (reliability diagram)" + (f", ECE {_fmt(ece, '{:.4f}')}" if ece is not None else ""),
+    )
+    return _section(
+        "Test set",
+        [table, _figure(folder / results.CONFUSION, "Confusion matrix (rows: true class)"), calibration],
+    )
 
 
 def _mistakes(folder: Path) -> str:
-    cams = [_figure(p, p.name) for p in sorted(folder.glob("gradcam*.png"))]
-    return _section("Mistakes", [_figure(folder / "misclassified.png",
-                                         "The most confident mistakes"), *cams])
+    cams = [_figure(p, p.name) for p in sorted(folder.glob(results.CAM_PICTURES))]
+    return _section(
+        "Mistakes", [_figure(folder / results.MISCLASSIFIED, "The most confident mistakes"), *cams]
+    )
+
+
+def _method_table(rows: list[dict], columns: list[tuple[str, Callable[[dict], Any]]]) -> str:
+    """A table with one row per (method, layer) and the given columns; '' when there are no rows."""
+    if not rows:
+        return ""
+    body = [[_text(r.get("method")), _text(r.get("layer")), *(cell(r) for _, cell in columns)] for r in rows]
+    return _table(["method", "layer", *(head for head, _ in columns)], body, left=2)
+
+
+def _mean_se(row: dict, mean: str, se: str) -> str:
+    return f"{_fmt(row.get(mean), '{:.4f}')} ± {_fmt(row.get(se), '{:.4f}')}"
 
 
 def _faithfulness(explanations: dict) -> str:
-    rows = _rows(explanations.get("faithfulness"))
-    table = _table(
-        ["method", "layer", "n", "ROAD mean ± SE", "RandomCAM mean ± SE", "verdict"],
-        [[_text(r.get("method")), _text(r.get("layer")), _fmt(r.get("n"), "{:.0f}"),
-          f"{_fmt(r.get('road_mean'), '{:.4f}')} ± {_fmt(r.get('road_se'), '{:.4f}')}",
-          f"{_fmt(r.get('random_mean'), '{:.4f}')} ± {_fmt(r.get('random_se'), '{:.4f}')}",
-          ("good", "beats RandomCAM") if r.get("beats_random")
-          else ("bad", "does not beat RandomCAM")] for r in rows], left=2) if rows else ""
+    verdicts = {True: ("good", "beats RandomCAM"), False: ("bad", "does not beat RandomCAM")}
+    table = _method_table(
+        _rows(explanations.get("faithfulness")),
+        [
+            ("n", lambda r: _fmt(r.get("n"), "{:.0f}")),
+            ("ROAD mean ± SE", lambda r: _mean_se(r, "road_mean", "road_se")),
+            ("RandomCAM mean ± SE", lambda r: _mean_se(r, "random_mean", "random_se")),
+            ("verdict", lambda r: verdicts[bool(r.get("beats_random"))]),
+        ],
+    )
     return _section("Faithfulness", [table, _note(explanations.get("note"))])
 
 
 def _selfcheck(selfcheck: dict) -> str:
-    rows = _rows(selfcheck.get("rows"))
-    table = _table(["method", "layer", "hits", "n", "hit rate", "chance"],
-                   [[_text(r.get("method")), _text(r.get("layer")), _fmt(r.get("hits"), "{:.0f}"),
-                     _fmt(r.get("n"), "{:.0f}"), _fmt(r.get("rate"), "%"), _fmt(r.get("chance"), "%")]
-                    for r in rows], left=2) if rows else ""
-    return _section("Self-check (pointing game)", [
-        _facts([("model accuracy ", selfcheck.get("model_accuracy"), "%", "")]),
-        table, _note(selfcheck.get("note"))])
+    table = _method_table(
+        _rows(selfcheck.get("rows")),
+        [
+            ("hits", lambda r: _fmt(r.get("hits"), "{:.0f}")),
+            ("n", lambda r: _fmt(r.get("n"), "{:.0f}")),
+            ("hit rate", lambda r: _fmt(r.get("rate"), "%")),
+            ("chance", lambda r: _fmt(r.get("chance"), "%")),
+        ],
+    )
+    return _section(
+        "Self-check (pointing game)",
+        [
+            _facts([("model accuracy ", selfcheck.get("model_accuracy"), "%", "")]),
+            table,
+            _note(selfcheck.get("note")),
+        ],
+    )
 
 
 def write_report(folder: str | os.PathLike) -> Path:
     """(Re)build folder/report.html from the result files there; returns its path."""
     folder = Path(folder)
-    summary, evaluation = _json(folder / "summary.json"), _json(folder / "evaluation.json")
+    summary, evaluation = _json(folder / results.SUMMARY), _json(folder / results.EVALUATION)
     monitor = str(summary.get("monitor_set") or "monitor")
-    body = (_header(summary, evaluation) + _training(folder, monitor) + _test_set(folder, evaluation)
-            + _mistakes(folder) + _faithfulness(_json(folder / "explanations.json"))
-            + _selfcheck(_json(folder / "selfcheck.json")))
-    page = ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            '<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>cifar-cam report</title><style>{CSS}</style></head>"
-            f"<body><main>{body}</main></body></html>\n")
-    target = folder / "report.html"
+    body = (
+        _header(summary, evaluation)
+        + _training(folder, monitor)
+        + _test_set(folder, evaluation)
+        + _mistakes(folder)
+        + _faithfulness(_json(folder / results.EXPLANATIONS))
+        + _selfcheck(_json(folder / results.SELFCHECK))
+    )
+    page = (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>cifar-cam report</title><style>{CSS}</style></head>"
+        f"<body><main>{body}</main></body></html>\n"
+    )
     folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".report.", suffix=".html.tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(page)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    target = folder / results.REPORT
+    with atomic_write(target, "w") as f:
+        f.write(page)
     return target

@@ -1,10 +1,16 @@
-"""Tiny, deterministic CIFAR-like data in every source format, made by the tests."""
+"""Shared fixtures: tiny, deterministic CIFAR-like data in every source format, a finished
+training run, and the helpers several test files use (as fixtures: tests import nothing
+from here)."""
+
 from __future__ import annotations
 
 import os
 import pickle
+import signal
+import subprocess
 import sys
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +19,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from common.data import write_image_folder  # noqa: E402
+
 SHARED_TARBALL = ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+# The common flags of a short, exact CPU run on the tiny data.
+TRAIN_FLAGS = ["--epochs", "2", "--batch-size", "20", "--precision", "32-true", "--accelerator", "cpu"]
 
 # Denormals made CPU steps ~50x slower once an easy batch's loss collapsed.
 torch.set_flush_denormal(True)
@@ -40,20 +51,9 @@ def easy_images(n_per_class: int, n_classes: int, seed: int) -> tuple[np.ndarray
     return np.stack(images), np.array(labels)
 
 
-def write_image_folder(root: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]],
-                       classes: list[str]) -> Path:
-    from PIL import Image
-
-    for split, (images, labels) in splits.items():
-        for c in classes:
-            (root / split / c).mkdir(parents=True, exist_ok=True)
-        for i, (img, label) in enumerate(zip(images, labels)):
-            Image.fromarray(img).save(root / split / classes[label] / f"{i:05d}.png")
-    return root
-
-
-def write_pickle_root(root: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]],
-                      classes: list[str]) -> Path:
+def write_pickle_root(
+    root: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], classes: list[str]
+) -> Path:
     """The documented cifar-10-batches-py layout, in ImageFolder order (by class, then file)."""
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
@@ -74,10 +74,101 @@ def write_pickle_root(root: Path, splits: dict[str, tuple[np.ndarray, np.ndarray
     return root
 
 
-def make_tarball(folder: Path, archive: Path) -> Path:
-    with tarfile.open(archive, "w:gz") as tar:
-        tar.add(folder, arcname="wrapped")
-    return archive
+# --- values and helpers ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def root() -> Path:
+    """The project's root folder, where the scripts are."""
+    return ROOT
+
+
+@pytest.fixture(scope="session")
+def classes() -> list[str]:
+    return list(CLASSES)
+
+
+@pytest.fixture(scope="session")
+def train_flags() -> list[str]:
+    """The common flags of a short, exact CPU run on the tiny data."""
+    return list(TRAIN_FLAGS)
+
+
+@pytest.fixture(scope="session")
+def shared_tarball() -> Path:
+    """The real CIFAR-10 (JPEG copy) where this checkout has ../shared beside it."""
+    if not SHARED_TARBALL.exists():
+        pytest.skip("shared CIFAR-10 JPEG tarball not here")
+    return SHARED_TARBALL
+
+
+@pytest.fixture(scope="session")
+def same_weights() -> Callable[[dict, dict], None]:
+    """Asserts that two state dicts hold the same tensors, bit for bit."""
+
+    def check(a: dict, b: dict) -> None:
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+
+    return check
+
+
+@pytest.fixture(scope="session")
+def one_line_error() -> Callable[..., None]:
+    """`one_line_error(stderr, *words)`: exactly one `error:` line, holding every word, and no
+    traceback: how every refusal looks to the user."""
+
+    def check(stderr: str, *words: str) -> None:
+        lines = stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:"), stderr
+        assert "Traceback" not in stderr
+        for word in words:
+            assert word in lines[0], (word, lines[0])
+
+    return check
+
+
+@pytest.fixture(scope="session")
+def run_script() -> Callable[..., subprocess.CompletedProcess]:
+    """`run_script("train.py", *flags)`: the script as a user runs it, in a real process."""
+
+    def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+        )
+
+    return run
+
+
+@pytest.fixture
+def ctrl_c_at(monkeypatch) -> Callable[[int], None]:
+    """`ctrl_c_at(n)`: the n-th training batch of this process sends itself SIGINT, as a
+    user's Ctrl-C in the middle of an epoch would."""
+    import train
+
+    def arm(n: int) -> None:
+        calls = {"n": 0}
+        real_augment = train.augment
+
+        def augment_then_ctrl_c(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == n:
+                os.kill(os.getpid(), signal.SIGINT)
+            return real_augment(*args, **kwargs)
+
+        monkeypatch.setattr(train, "augment", augment_then_ctrl_c)
+
+    return arm
+
+
+@pytest.fixture(scope="session")
+def make_folder(tiny_arrays) -> Callable[[Path], Path]:
+    """`make_folder(path)`: a fresh copy of the tiny image folder at `path`, to break."""
+    return lambda path: write_image_folder(path, tiny_arrays, CLASSES)
+
+
+# --- data and a finished run ---------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
@@ -98,7 +189,10 @@ def tiny_pickle(tmp_path_factory, tiny_arrays) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_tarball(tmp_path_factory, tiny_folder) -> Path:
-    return make_tarball(tiny_folder, tmp_path_factory.mktemp("tiny-tar") / "tiny.tar.gz")
+    archive = tmp_path_factory.mktemp("tiny-tar") / "tiny.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tiny_folder, arcname="wrapped")
+    return archive
 
 
 @pytest.fixture(scope="session")
@@ -107,13 +201,5 @@ def trained_run(tmp_path_factory, tiny_folder) -> Path:
     import train
 
     out = tmp_path_factory.mktemp("run")
-    code = train.main(["--data", str(tiny_folder), "--epochs", "2", "--batch-size", "20",
-                       "--out", str(out), "--precision", "32-true", "--accelerator", "cpu"])
-    assert code == 0
+    assert train.main(["--data", str(tiny_folder), *TRAIN_FLAGS, "--out", str(out)]) == 0
     return out
-
-
-def pytest_configure(config):
-    # NumPy 2 deprecation chatter from inside matplotlib/torchmetrics, not from this project.
-    config.addinivalue_line("filterwarnings", "ignore::DeprecationWarning:matplotlib.*")
-    config.addinivalue_line("filterwarnings", "ignore::DeprecationWarning:numpy.*")

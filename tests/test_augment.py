@@ -11,7 +11,7 @@ def test_crop_and_flip_are_per_sample():
     padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
     for i in range(4):
         dy, dx = shift[i].tolist()
-        expected = padded[i, :, dy:dy + 32, dx:dx + 32]
+        expected = padded[i, :, dy : dy + 32, dx : dx + 32]
         if flip[i]:
             expected = expected.flip(-1)
         assert torch.equal(out[i], expected), f"sample {i}"
@@ -41,6 +41,6 @@ def test_shards_are_disjoint_and_make_up_each_global_batch():
     plan = plan_epoch(40, 8, seed=0, epoch=0)
     shards = [plan.shard(rank, 2) for rank in range(2)]
     for step in range(5):
-        rows = [s.order[step * 4:(step + 1) * 4] for s in shards]
+        rows = [s.order[step * 4 : (step + 1) * 4] for s in shards]
         assert set(rows[0].tolist()).isdisjoint(rows[1].tolist())
-        assert sorted(torch.cat(rows).tolist()) == sorted(plan.order[step * 8:(step + 1) * 8].tolist())
+        assert sorted(torch.cat(rows).tolist()) == sorted(plan.order[step * 8 : (step + 1) * 8].tolist())

@@ -1,5 +1,4 @@
 import shutil
-import sys
 
 import numpy as np
 import pytest
@@ -7,7 +6,6 @@ import torch
 from PIL import Image
 
 from common.data import DataError, balanced_subset, cache_root, load_cifar10, split_off_validation
-from conftest import CLASSES, SHARED_TARBALL, easy_images, write_image_folder
 
 
 def assert_same(a, b):
@@ -17,11 +15,11 @@ def assert_same(a, b):
         assert x.classes == y.classes
 
 
-def test_every_source_gives_the_same_tensors(tiny_folder, tiny_pickle, tiny_tarball, tiny_arrays):
+def test_every_source_gives_the_same_tensors(tiny_folder, tiny_pickle, tiny_tarball, tiny_arrays, classes):
     folder = load_cifar10(str(tiny_folder))
     assert folder.train.images.shape == (60, 3, 32, 32) and folder.train.images.dtype == torch.uint8
     assert folder.train.labels.dtype == torch.int64 and folder.test.images.shape == (30, 3, 32, 32)
-    assert folder.train.classes == CLASSES
+    assert folder.train.classes == classes
     # ImageFolder order: classes sorted, files sorted. Our arrays were written in that order.
     images, labels = tiny_arrays["train"]
     assert torch.equal(folder.train.images, torch.from_numpy(images).permute(0, 3, 1, 2))
@@ -55,16 +53,16 @@ def test_second_start_reads_the_cache(tiny_folder):
         data_module._load_image_folder = original
 
 
-def test_changed_file_invalidates_the_cache(tmp_path, tiny_arrays):
-    root = write_image_folder(tmp_path / "d", tiny_arrays, CLASSES)
+def test_changed_file_invalidates_the_cache(tmp_path, make_folder, classes):
+    root = make_folder(tmp_path / "d")
     before = load_cifar10(str(root)).train.images[0].clone()
-    first = sorted((root / "train" / CLASSES[0]).iterdir())[0]
+    first = sorted((root / "train" / classes[0]).iterdir())[0]
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(first)
     assert not torch.equal(load_cifar10(str(root)).train.images[0], before)
 
 
-def test_grayscale_is_converted(tmp_path, tiny_arrays):
-    root = write_image_folder(tmp_path / "d", tiny_arrays, CLASSES)
+def test_grayscale_is_converted(tmp_path, make_folder):
+    root = make_folder(tmp_path / "d")
     Image.fromarray(np.full((32, 32), 77, np.uint8), mode="L").save(root / "test" / "cat" / "00000_gray.png")
     test = load_cifar10(str(root)).test
     assert len(test) == 31 and test.images.shape[1] == 3
@@ -81,31 +79,49 @@ def test_subset_is_balanced_and_val_split_is_disjoint(tiny_folder):
     assert len(torch.unique(all_images, dim=0)) == len(torch.unique(train.images.view(60, -1), dim=0))
 
 
-def bad(tmp_path, tiny_arrays, breaker):
-    root = write_image_folder(tmp_path / "bad", tiny_arrays, CLASSES)
+def save_png(path, size):
+    Image.fromarray(np.zeros((*size, 3), np.uint8)).save(path)
+
+
+@pytest.mark.parametrize(
+    "breaker, says",
+    [
+        pytest.param(
+            lambda r: shutil.rmtree(r / "test" / "dog"), ["differ", "dog"], id="class-missing-from-test"
+        ),
+        pytest.param(
+            lambda r: save_png(r / "train" / "cat" / "big.png", (28, 28)),
+            ["28x28", "not 32x32"],
+            id="wrong-size",
+        ),
+        pytest.param(
+            lambda r: (r / "train" / "cat" / "notes.jpg").write_text("hi"),
+            ["not an image", "notes.jpg"],
+            id="not-an-image",
+        ),
+        pytest.param(
+            lambda r: [p.unlink() for p in (r / "train" / "frog").iterdir()],
+            ["empty class", "frog"],
+            id="empty-class",
+        ),
+    ],
+)
+def test_bad_image_folder_gives_one_clear_line(tmp_path, make_folder, breaker, says):
+    root = make_folder(tmp_path / "bad")
     breaker(root)
     with pytest.raises(DataError) as info:
         load_cifar10(str(root))
-    return str(info.value)
+    for word in says:
+        assert word in str(info.value)
+    assert "\n" not in str(info.value)
 
 
-def test_bad_data_gives_one_clear_line(tmp_path, tiny_arrays):
+def test_missing_path_and_empty_folder(tmp_path):
     with pytest.raises(DataError, match="not found"):
         load_cifar10(str(tmp_path / "nowhere"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no train/ and test/"):
         load_cifar10(str(tmp_path / "empty"))
-    msg = bad(tmp_path / "a", tiny_arrays, lambda r: shutil.rmtree(r / "test" / "dog"))
-    assert "differ" in msg and "dog" in msg
-    msg = bad(tmp_path / "b", tiny_arrays, lambda r: Image.fromarray(
-        np.zeros((28, 28, 3), np.uint8)).save(r / "train" / "cat" / "big.png"))
-    assert "28x28" in msg and "not 32x32" in msg
-    msg = bad(tmp_path / "c", tiny_arrays, lambda r: (r / "train" / "cat" / "notes.jpg").write_text("hi"))
-    assert "not an image" in msg and "notes.jpg" in msg
-    msg = bad(tmp_path / "d", tiny_arrays, lambda r: [p.unlink() for p in (r / "train" / "frog").iterdir()])
-    assert "empty class" in msg and "frog" in msg
-    for m in (msg,):
-        assert "\n" not in m
 
 
 def test_offline_download_says_what_to_do(monkeypatch, tmp_path):
@@ -121,12 +137,11 @@ def test_offline_download_says_what_to_do(monkeypatch, tmp_path):
         load_cifar10(None)
 
 
-@pytest.mark.skipif(not SHARED_TARBALL.exists(), reason="shared CIFAR-10 JPEG tarball not here")
-def test_real_cifar10_tarball():
-    splits = load_cifar10(str(SHARED_TARBALL))
+def test_real_cifar10_tarball(shared_tarball, classes):
+    splits = load_cifar10(str(shared_tarball))
     assert splits.train.images.shape == (50000, 3, 32, 32)
     assert splits.test.images.shape == (10000, 3, 32, 32)
-    assert splits.train.classes == CLASSES
+    assert splits.train.classes == classes
     assert torch.bincount(splits.train.labels).tolist() == [5000] * 10
     assert torch.bincount(splits.test.labels).tolist() == [1000] * 10
     mean = splits.train.images.float().mean(dim=(0, 2, 3)) / 255

@@ -1,19 +1,17 @@
 """torchrun on the CPU: the ranks must join one process group, not run side by side."""
+
 import csv
 import subprocess
 import sys
 
 import torch
 
-from conftest import ROOT
 
-
-def test_two_cpu_ranks_form_one_group(tmp_path, tiny_folder, trained_run):
+def test_two_cpu_ranks_form_one_group(tmp_path, tiny_folder, trained_run, train_flags, root):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "train.py", "--accelerator", "cpu", "--data", str(tiny_folder), "--epochs", "2",
-           "--batch-size", "20", "--precision", "32-true", "--out", str(out)]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd = [*torchrun, "train.py", "--data", str(tiny_folder), *train_flags, "--out", str(out)]
+    result = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     # World size 2 is only reported when both ranks joined one group; N independent
     # single-process runs would each say "x1" and each print a summary.

@@ -7,7 +7,6 @@ import torch
 import evaluate
 from common.data import CIFAR10_MEAN, CIFAR10_STD
 from common.model import build_model
-from conftest import CLASSES
 
 
 def independent_probs(ckpt, images):
@@ -19,14 +18,28 @@ def independent_probs(ckpt, images):
     mean = torch.tensor(CIFAR10_MEAN).view(3, 1, 1)
     std = torch.tensor(CIFAR10_STD).view(3, 1, 1)
     with torch.no_grad():
-        return torch.stack([model(((img.float() / 255 - mean) / std)[None])[0].softmax(0)
-                            for img in images])
+        return torch.stack([model(((img.float() / 255 - mean) / std)[None])[0].softmax(0) for img in images])
 
 
-def test_counts_every_image_once_and_agrees_with_a_plain_loop(tmp_path, trained_run, tiny_folder):
+def test_counts_every_image_once_and_agrees_with_a_plain_loop(tmp_path, trained_run, tiny_folder, classes):
     ckpt = trained_run / "best.pt"
-    assert evaluate.main(["--ckpt", str(ckpt), "--out", str(tmp_path), "--precision", "32-true",
-                          "--accelerator", "cpu", "--batch-size", "7"]) == 0
+    assert (
+        evaluate.main(
+            [
+                "--ckpt",
+                str(ckpt),
+                "--out",
+                str(tmp_path),
+                "--precision",
+                "32-true",
+                "--accelerator",
+                "cpu",
+                "--batch-size",
+                "7",
+            ]
+        )
+        == 0
+    )
     rows = list(csv.DictReader(open(tmp_path / "predictions.csv")))
     assert list(rows[0]) == ["index", "true", "true_name", "pred", "pred_name", "confidence"]
     assert [int(r["index"]) for r in rows] == list(range(30))  # batch 7 leaves a stub: still once each
@@ -36,10 +49,11 @@ def test_counts_every_image_once_and_agrees_with_a_plain_loop(tmp_path, trained_
     test = load_cifar10(str(tiny_folder)).test
     probs = independent_probs(ckpt, test.images)
     assert [int(r["true"]) for r in rows] == test.labels.tolist()
-    assert [r["true_name"] for r in rows] == [CLASSES[i] for i in test.labels.tolist()]
+    assert [r["true_name"] for r in rows] == [classes[i] for i in test.labels.tolist()]
     assert [int(r["pred"]) for r in rows] == probs.argmax(1).tolist()
-    assert torch.allclose(torch.tensor([float(r["confidence"]) for r in rows]), probs.max(1).values,
-                          atol=1e-4)
+    assert torch.allclose(
+        torch.tensor([float(r["confidence"]) for r in rows]), probs.max(1).values, atol=1e-4
+    )
     report = json.loads((tmp_path / "evaluation.json").read_text())
     expected = (probs.argmax(1) == test.labels).float().mean().item()
     assert report["n_images"] == 30 and abs(report["accuracy"] - expected) < 1e-9
@@ -65,7 +79,9 @@ def test_refuses_data_with_other_class_names(tmp_path, trained_run, tiny_folder,
     shutil.copytree(tiny_folder, other)
     for split in ("train", "test"):
         (other / split / "cat").rename(other / split / "kitten")
-    assert evaluate.main(["--ckpt", str(trained_run / "best.pt"), "--data", str(other),
-                          "--out", str(tmp_path)]) == 2
+    assert (
+        evaluate.main(["--ckpt", str(trained_run / "best.pt"), "--data", str(other), "--out", str(tmp_path)])
+        == 2
+    )
     err = capsys.readouterr().err
     assert "classes" in err and "differ" in err and err.count("\n") == 1

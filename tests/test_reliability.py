@@ -1,7 +1,8 @@
 """Kills, bad files, full disks and lost ranks: a result is never lost or corrupted."""
+
+import os
 import random
 import resource
-import shutil
 import signal
 import socket
 import subprocess
@@ -11,20 +12,9 @@ import time
 import pytest
 import torch
 
-import os
-
 import evaluate
 import train
 from common.checkpoint import load_checkpoint
-from conftest import ROOT
-
-FLAGS = ["--epochs", "2", "--batch-size", "20", "--precision", "32-true", "--accelerator", "cpu"]
-
-
-def assert_same_weights(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
 
 
 def wait_for(path, text, proc, timeout=120):
@@ -36,19 +26,29 @@ def wait_for(path, text, proc, timeout=120):
     return False
 
 
-def test_kill_9_at_random_points_then_resume_is_exact(tmp_path, tiny_folder, trained_run):
+def test_kill_9_at_random_points_then_resume_is_exact(
+    tmp_path, tiny_folder, trained_run, train_flags, root, same_weights
+):
     """kill -9 the real process several times; every checkpoint left behind loads, and the
     resumed run ends with the uninterrupted run's weights, bit for bit."""
     rng = random.Random(0)
     out, log = tmp_path / "run", tmp_path / "log.txt"
     kills = 0
-    for attempt in range(12):
+    for _attempt in range(12):
         resume = (out / "last.pt").exists()
-        args = ["--resume", str(out / "last.pt")] if resume else \
-            ["--data", str(tiny_folder), *FLAGS, "--out", str(out)]
+        args = (
+            ["--resume", str(out / "last.pt")]
+            if resume
+            else ["--data", str(tiny_folder), *train_flags, "--out", str(out)]
+        )
         with open(log, "w") as f:
-            proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=f,
-                                    stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            proc = subprocess.Popen(
+                [sys.executable, "train.py", *args],
+                cwd=root,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
         # Kill somewhere in the training loop: steps, monitor scoring or checkpoint writes.
         started = wait_for(log, "  total ", proc)
         if started and kills < 4:
@@ -66,7 +66,7 @@ def test_kill_9_at_random_points_then_resume_is_exact(tmp_path, tiny_folder, tra
     assert code == 0 and kills >= 3
     assert not list(out.glob(".*.tmp*"))
     final = torch.load(out / "last.pt", weights_only=True)
-    assert_same_weights(final["model"], torch.load(trained_run / "last.pt", weights_only=True)["model"])
+    same_weights(final["model"], torch.load(trained_run / "last.pt", weights_only=True)["model"])
 
 
 WRITER = """
@@ -83,12 +83,13 @@ while True:
 """
 
 
-def test_kill_9_during_checkpoint_writes_never_tears_the_file(tmp_path):
+def test_kill_9_during_checkpoint_writes_never_tears_the_file(tmp_path, root):
     rng = random.Random(1)
     target = tmp_path / "ckpt.pt"
     for _ in range(5):
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(target), str(ROOT)],
-                                stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(target), str(root)], stdout=subprocess.PIPE, text=True
+        )
         assert proc.stdout.readline().strip() == "ready"
         time.sleep(rng.uniform(0.0, 0.3))
         proc.kill()
@@ -97,29 +98,26 @@ def test_kill_9_during_checkpoint_writes_never_tears_the_file(tmp_path):
         assert state["v"] in (1, 2) and torch.all(state["model"]["w"] == state["v"])
 
 
-def test_full_disk_leaves_the_good_checkpoint_alone(tmp_path, tiny_folder, monkeypatch):
+def test_full_disk_leaves_the_good_checkpoint_alone(tmp_path, tiny_folder, train_flags, root, ctrl_c_at):
     # An unfinished run: Ctrl-C in epoch 2 leaves last.pt (epoch 1, step 2) and best.pt.
     out = tmp_path / "run"
-    calls = {"n": 0}
-    real_augment = train.augment
-
-    def augment_then_ctrl_c(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_augment(*args, **kwargs)
-
-    monkeypatch.setattr(train, "augment", augment_then_ctrl_c)
-    assert train.main(["--data", str(tiny_folder), *FLAGS, "--out", str(out)]) == 130
+    ctrl_c_at(5)
+    assert train.main(["--data", str(tiny_folder), *train_flags, "--out", str(out)]) == 130
     good_last, good_best = (out / "last.pt").read_bytes(), (out / "best.pt").read_bytes()
 
     def small_file_limit():
         resource.setrlimit(resource.RLIMIT_FSIZE, (20 * 2**20, 20 * 2**20))
 
-    result = subprocess.run([sys.executable, "train.py", "--resume", str(out / "last.pt")], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300, preexec_fn=small_file_limit)
+    result = subprocess.run(
+        [sys.executable, "train.py", "--resume", str(out / "last.pt")],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=small_file_limit,
+    )
     assert result.returncode == 2, result.stderr[-2000:]
-    error_lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1 and "could not write best.pt" in error_lines[0], error_lines
     assert "the previous best.pt, if any, is unharmed" in error_lines[0]
     assert "Traceback" not in result.stderr
@@ -127,27 +125,44 @@ def test_full_disk_leaves_the_good_checkpoint_alone(tmp_path, tiny_folder, monke
     assert not list(out.glob(".*.tmp*"))
 
 
-def test_out_that_cannot_be_created(tmp_path, tiny_folder, capsys):
+def test_out_that_cannot_be_created(tmp_path, tiny_folder, train_flags, capsys):
     (tmp_path / "file").write_text("a regular file")
-    assert train.main(["--data", str(tiny_folder), *FLAGS, "--out", str(tmp_path / "file" / "sub")]) == 2
+    assert (
+        train.main(["--data", str(tiny_folder), *train_flags, "--out", str(tmp_path / "file" / "sub")]) == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith("error:") and err.count("\n") == 1
 
 
-def test_truncated_and_foreign_checkpoints(tmp_path, trained_run, capsys):
-    (tmp_path / "cut.pt").write_bytes((trained_run / "best.pt").read_bytes()[:100_000])
-    assert evaluate.main(["--ckpt", str(tmp_path / "cut.pt")]) == 2
-    assert "not a readable checkpoint" in capsys.readouterr().err
+def truncated(run, path):
+    path.write_bytes((run / "best.pt").read_bytes()[:100_000])
+
+
+def imagenet_resnet(run, path):
     from torchvision.models import resnet18
 
-    torch.save(resnet18().state_dict(), tmp_path / "imagenet.pt")
-    assert evaluate.main(["--ckpt", str(tmp_path / "imagenet.pt")]) == 2
-    assert "not a cifar-cam checkpoint" in capsys.readouterr().err
-    state = torch.load(trained_run / "best.pt", weights_only=True)
+    torch.save(resnet18().state_dict(), path)
+
+
+def other_weights(run, path):
+    state = torch.load(run / "best.pt", weights_only=True)
     state["model"] = {"fc.weight": torch.zeros(10, 512)}
-    torch.save(state, tmp_path / "other_model.pt")
-    assert evaluate.main(["--ckpt", str(tmp_path / "other_model.pt")]) == 2
-    assert "do not fit the CIFAR ResNet-18" in capsys.readouterr().err
+    torch.save(state, path)
+
+
+@pytest.mark.parametrize(
+    "make, says",
+    [
+        pytest.param(truncated, "not a readable checkpoint", id="truncated"),
+        pytest.param(imagenet_resnet, "not a cifar-cam checkpoint", id="another-models-state-dict"),
+        pytest.param(other_weights, "do not fit the CIFAR ResNet-18", id="other-weights"),
+    ],
+)
+def test_broken_and_foreign_checkpoints(tmp_path, trained_run, make, says, one_line_error, capsys):
+    make(trained_run, tmp_path / "bad.pt")
+    assert evaluate.main(["--ckpt", str(tmp_path / "bad.pt")]) == 2
+    err = capsys.readouterr().err
+    one_line_error(err, says)
 
 
 def free_port() -> int:
@@ -156,16 +171,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun_node(node_rank, port, out, tiny_folder, extra=()):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-           f"--node_rank={node_rank}", "--master_addr=127.0.0.1", f"--master_port={port}",
-           "train.py", "--data", str(tiny_folder), *FLAGS, "--out", str(out), *extra]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def torchrun_node(node_rank, port, out, tiny_folder, train_flags, root, extra=()):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                f"--node_rank={node_rank}", "--master_addr=127.0.0.1", f"--master_port={port}"]  # fmt: skip
+    cmd = [*torchrun, "train.py", "--data", str(tiny_folder), *train_flags, "--out", str(out), *extra]
+    return subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_two_nodes_on_loopback(tmp_path, tiny_folder):
+def test_two_nodes_on_loopback(tmp_path, tiny_folder, train_flags, root):
     port = free_port()
-    nodes = [torchrun_node(rank, port, tmp_path / "run", tiny_folder) for rank in (0, 1)]
+    nodes = [torchrun_node(rank, port, tmp_path / "run", tiny_folder, train_flags, root) for rank in (0, 1)]
     outputs = [node.communicate(timeout=300)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     assert "device    cpu x2" in outputs[0] and "identical on every rank" in outputs[0]
@@ -173,10 +188,12 @@ def test_two_nodes_on_loopback(tmp_path, tiny_folder):
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 2
 
 
-def test_a_dead_node_makes_the_other_exit_in_bounded_time(tmp_path, tiny_folder):
+def test_a_dead_node_makes_the_other_exit_in_bounded_time(tmp_path, tiny_folder, train_flags, root):
     port = free_port()
     extra = ["--dist-timeout", "20", "--epochs", "50", "--overwrite"]
-    nodes = [torchrun_node(rank, port, tmp_path / "run", tiny_folder, extra) for rank in (0, 1)]
+    nodes = [
+        torchrun_node(rank, port, tmp_path / "run", tiny_folder, train_flags, root, extra) for rank in (0, 1)
+    ]
     time.sleep(1)
     deadline = time.time() + 120
     while time.time() < deadline and not (tmp_path / "run" / "metrics.csv").exists():
@@ -191,10 +208,12 @@ def test_a_dead_node_makes_the_other_exit_in_bounded_time(tmp_path, tiny_folder)
     assert "error: rank 0 lost contact with the other processes" in output
 
 
-def test_a_hung_node_times_out_after_dist_timeout(tmp_path, tiny_folder):
+def test_a_hung_node_times_out_after_dist_timeout(tmp_path, tiny_folder, train_flags, root):
     port = free_port()
     extra = ["--dist-timeout", "15", "--epochs", "50", "--overwrite"]
-    nodes = [torchrun_node(rank, port, tmp_path / "run", tiny_folder, extra) for rank in (0, 1)]
+    nodes = [
+        torchrun_node(rank, port, tmp_path / "run", tiny_folder, train_flags, root, extra) for rank in (0, 1)
+    ]
     try:
         deadline = time.time() + 120
         while time.time() < deadline and not (tmp_path / "run" / "metrics.csv").exists():

@@ -1,4 +1,5 @@
 """common.report: the self-contained report.html, checked as text and in a real headless Chromium."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,16 @@ from common.report import write_report
 CHROMIUM = "/usr/bin/chromium"
 # Flags this machine's Chromium needs: without the background-networking ones the closed
 # network refuses connections and the browser stalls.
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 SECTIONS = ["Training", "Test set", "Mistakes", "Faithfulness", "Self-check (pointing game)"]
 
 
@@ -62,32 +71,89 @@ def _png(path: Path, colour: str, size: tuple[float, float] = (2, 1.5)) -> None:
 @pytest.fixture
 def full_run(tmp_path: Path) -> Path:
     """A run folder with every result file the report knows, small but real."""
-    for name, colour in [("curves", "C0"), ("confusion_matrix", "C1"), ("calibration", "C2"),
-                         ("misclassified", "C3"), ("gradcam", "C4"), ("gradcam_layer3", "C5")]:
+    for name, colour in [
+        ("curves", "C0"),
+        ("confusion_matrix", "C1"),
+        ("calibration", "C2"),
+        ("misclassified", "C3"),
+        ("gradcam", "C4"),
+        ("gradcam_layer3", "C5"),
+    ]:
         _png(tmp_path / f"{name}.png", colour)
     (tmp_path / "metrics.csv").write_text(
         "epoch,train_loss,train_acc,monitor_loss,monitor_acc,lr,epoch_s,img_per_s\n"
         "1,1.9,0.31,1.6,0.4123,0.1,12.5,4000\n"
-        "2,1.2,0.58,1.1,0.6234,0.05,11.9,4200\n")
-    (tmp_path / "summary.json").write_text(json.dumps({
-        "final_monitor_acc": 0.6234, "monitor_set": "test", "best_rule": "final weights",
-        "epochs": 2, "total_s": 30.2, "img_per_s": 4100.0,
-        "config": {"epochs": 2, "batch_size": 512, "note": "<b>not bold</b>"}}))
-    (tmp_path / "evaluation.json").write_text(json.dumps({
-        "checkpoint": "runs/x/best.pt", "accuracy": 0.6234, "loss": 1.1, "n_images": 200,
-        "tta": {"accuracy": 0.6311, "loss": 1.05}, "ece": 0.0421,
-        "per_class": {"cat": {"images": 100, "accuracy": 0.5, "precision": 0.55, "recall": 0.5},
-                      "dog & co": {"images": 100, "accuracy": 0.75, "precision": 0.7, "recall": 0.75}}}))
-    (tmp_path / "explanations.json").write_text(json.dumps({
-        "faithfulness": [
-            {"method": "GradCAM", "layer": "layer4", "n": 64, "road_mean": 0.21, "road_se": 0.02,
-             "random_mean": 0.05, "random_se": 0.01, "beats_random": True},
-            {"method": "EigenCAM", "layer": "layer3", "n": 64, "road_mean": 0.04, "road_se": 0.02,
-             "random_mean": 0.05, "random_se": 0.01, "beats_random": False}],
-        "note": "ROAD <script>alert(1)</script> note"}))
-    (tmp_path / "selfcheck.json").write_text(json.dumps({
-        "rows": [{"method": "GradCAM", "layer": "layer4", "hits": 40, "n": 50, "rate": 0.8, "chance": 0.25}],
-        "model_accuracy": 0.97, "note": "pasted patches"}))
+        "2,1.2,0.58,1.1,0.6234,0.05,11.9,4200\n"
+    )
+    (tmp_path / "summary.json").write_text(
+        json.dumps(
+            {
+                "final_monitor_acc": 0.6234,
+                "monitor_set": "test",
+                "best_rule": "final weights",
+                "epochs": 2,
+                "total_s": 30.2,
+                "img_per_s": 4100.0,
+                "config": {"epochs": 2, "batch_size": 512, "note": "<b>not bold</b>"},
+            }
+        )
+    )
+    (tmp_path / "evaluation.json").write_text(
+        json.dumps(
+            {
+                "checkpoint": "runs/x/best.pt",
+                "accuracy": 0.6234,
+                "loss": 1.1,
+                "n_images": 200,
+                "tta": {"accuracy": 0.6311, "loss": 1.05},
+                "ece": 0.0421,
+                "per_class": {
+                    "cat": {"images": 100, "accuracy": 0.5, "precision": 0.55, "recall": 0.5},
+                    "dog & co": {"images": 100, "accuracy": 0.75, "precision": 0.7, "recall": 0.75},
+                },
+            }
+        )
+    )
+    (tmp_path / "explanations.json").write_text(
+        json.dumps(
+            {
+                "faithfulness": [
+                    {
+                        "method": "GradCAM",
+                        "layer": "layer4",
+                        "n": 64,
+                        "road_mean": 0.21,
+                        "road_se": 0.02,
+                        "random_mean": 0.05,
+                        "random_se": 0.01,
+                        "beats_random": True,
+                    },
+                    {
+                        "method": "EigenCAM",
+                        "layer": "layer3",
+                        "n": 64,
+                        "road_mean": 0.04,
+                        "road_se": 0.02,
+                        "random_mean": 0.05,
+                        "random_se": 0.01,
+                        "beats_random": False,
+                    },
+                ],
+                "note": "ROAD <script>alert(1)</script> note",
+            }
+        )
+    )
+    (tmp_path / "selfcheck.json").write_text(
+        json.dumps(
+            {
+                "rows": [
+                    {"method": "GradCAM", "layer": "layer4", "hits": 40, "n": 50, "rate": 0.8, "chance": 0.25}
+                ],
+                "model_accuracy": 0.97,
+                "note": "pasted patches",
+            }
+        )
+    )
     return tmp_path
 
 
@@ -100,8 +166,19 @@ def test_full_report_has_every_section_and_nothing_external(full_run: Path):
     assert page.h2 == SECTIONS
     assert "<h1>cifar-cam report</h1>" in text
     # key facts, percentages, escaping
-    for fact in ["62.34%", "63.11%", "0.0421", "runs/x/best.pt", "41.23%", "dog &amp; co", "97.00%",
-                 "80.00%", "25.00%", "pasted patches", "&lt;b&gt;not bold&lt;/b&gt;"]:
+    for fact in [
+        "62.34%",
+        "63.11%",
+        "0.0421",
+        "runs/x/best.pt",
+        "41.23%",
+        "dog &amp; co",
+        "97.00%",
+        "80.00%",
+        "25.00%",
+        "pasted patches",
+        "&lt;b&gt;not bold&lt;/b&gt;",
+    ]:
         assert fact in text, fact
     assert "<script" not in text and "&lt;script&gt;alert(1)&lt;/script&gt;" in text
     # the row that does not beat RandomCAM is flagged, the other not
@@ -151,8 +228,13 @@ def test_report_renders_in_headless_chromium(full_run: Path, tmp_path_factory):
     requests: list[str] = []
     with sync_api.sync_playwright() as pw:
         context = pw.chromium.launch_persistent_context(
-            str(tmp_path_factory.mktemp("chromium-profile")), executable_path=CHROMIUM,
-            headless=True, args=CHROMIUM_FLAGS, timeout=15_000, viewport={"width": 1200, "height": 900})
+            str(tmp_path_factory.mktemp("chromium-profile")),
+            executable_path=CHROMIUM,
+            headless=True,
+            args=CHROMIUM_FLAGS,
+            timeout=15_000,
+            viewport={"width": 1200, "height": 900},
+        )
         try:
             context.set_default_timeout(10_000)
             page = context.new_page()

@@ -1,0 +1,71 @@
+"""One run per results folder: real processes, an OS lock that dies with its holder."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+
+@pytest.fixture
+def running_train(tmp_path, tiny_folder, train_flags, root):
+    """A real train.py that holds tmp_path/run for a long run; killed (-9) at the end."""
+    out, log = tmp_path / "run", tmp_path / "log.txt"
+    args = ["train.py", "--data", str(tiny_folder), *train_flags, "--epochs", "500", "--out", str(out)]
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, *args], cwd=root, stdout=f, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "last.pt").exists():  # training for real
+        assert proc.poll() is None, log.read_text()
+        time.sleep(0.1)
+    yield proc, out
+    proc.kill()
+    proc.wait()
+
+
+def snapshot(folder):
+    """Every file's name, size and modification time."""
+    return {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in folder.iterdir()}
+
+
+@pytest.mark.parametrize(
+    "command, says",
+    [
+        pytest.param(lambda out, data: ["train.py", "--data", data, "--out", str(out)], "train elsewhere",
+                     id="second-train"),
+        pytest.param(lambda out, data: ["train.py", "--resume", str(out / "last.pt")], "train elsewhere",
+                     id="resume-of-the-running-run"),
+        pytest.param(lambda out, data: ["evaluate.py", "--ckpt", str(out / "best.pt")], "--out",
+                     id="evaluate"),
+        pytest.param(lambda out, data: ["explain.py", "--ckpt", str(out / "best.pt")], "--out",
+                     id="explain"),
+    ],
+)  # fmt: skip
+def test_a_folder_in_use_is_refused_at_once(
+    running_train, tiny_folder, run_script, one_line_error, command, says
+):
+    proc, out = running_train
+    os.kill(proc.pid, signal.SIGSTOP)  # paused, still holding the folder: its files stay still
+    try:
+        before = snapshot(out)
+        started = time.time()
+        result = run_script(*command(out, str(tiny_folder)))
+        took = time.time() - started
+        after = snapshot(out)
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    assert result.returncode == 2
+    one_line_error(result.stderr, str(out), f"process {proc.pid}", says)
+    assert took < 30  # at once: no data loaded, nothing trained
+    assert after == before  # the refused process touched nothing
+
+
+def test_a_killed_run_leaves_no_stale_lock(running_train, tiny_folder, train_flags, run_script):
+    proc, out = running_train
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    args = ["--data", str(tiny_folder), *train_flags, "--epochs", "1", "--out", str(out), "--overwrite"]
+    result = run_script("train.py", *args, timeout=300)
+    assert result.returncode == 0, result.stderr
