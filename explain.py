@@ -37,7 +37,15 @@ from common.checkpoint import data_for, load_checkpoint, model_from_checkpoint
 from common.data import DataError, normalize
 from common.lock import refuse_if_training
 from common.model import top_level_names
-from common.options import Parser, UsageError, add_accelerator_option, add_data_option, command, positive_int
+from common.options import (
+    Parser,
+    UsageError,
+    add_accelerator_option,
+    add_data_option,
+    add_weights_options,
+    command,
+    positive_int,
+)
 from common.plots import plot_cam_comparison, plot_cam_grid, to_hwc
 from common.predict import predict_probs
 from common.report import write_report
@@ -97,11 +105,7 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--no-faithfulness", action="store_true", help="skip the ROAD faithfulness scores")
     p.add_argument("--seed", type=int, default=0, help="seed of ROAD's noise and RandomCAM (default 0)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per CAM batch")
-    p.add_argument(
-        "--ema",
-        action="store_true",
-        help="use the moving average of the weights (checkpoints trained with --ema)",
-    )
+    add_weights_options(p)
     add_accelerator_option(p)
     return p.parse_args(argv)
 
@@ -241,15 +245,14 @@ def select_mistakes(model, state: dict, args, autocast: torch.dtype | None) -> S
     test, classes = splits.test, state["classes"]
     mean, std = torch.tensor(state["mean"]), torch.tensor(state["std"])
     # Same predictions as evaluate.py: same precision rule, same pass.
-    probs, _ = predict_probs(model, test.images, mean, std, autocast=autocast)
-    probs = probs.cpu()
+    probs = predict_probs(model, test.images, mean, std, autocast=autocast).plain
     wrong = (probs.argmax(1) != test.labels).nonzero().flatten()
     if args.order == "confidence":
         wrong = wrong[probs[wrong].max(1).values.argsort(descending=True, stable=True)]
     # The CAMs run in fp32: re-score the candidates in fp32 and keep those still wrong,
     # so "predicted" means the class the explained model predicts.
     candidates = wrong[: 2 * args.n + 10]
-    probs32 = predict_probs(model, test.images[candidates], mean, std)[0].cpu()
+    probs32 = predict_probs(model, test.images[candidates], mean, std).plain
     still_wrong = probs32.argmax(1) != test.labels[candidates]
     index, probs = candidates[still_wrong][: args.n], probs32[still_wrong][: args.n]
     print(f"checkpoint {args.ckpt}: {len(wrong):,} of {len(test):,} test images misclassified")
@@ -273,7 +276,7 @@ def select_pictures(model, state: dict, args, autocast: torch.dtype | None) -> S
         if note:
             print(f"note: {path} {note}")
     mean, std = torch.tensor(state["mean"]), torch.tensor(state["std"])
-    probs = predict_probs(model, images, mean, std, autocast=autocast)[0].cpu()
+    probs = predict_probs(model, images, mean, std, autocast=autocast).plain
     classes, captions = state["classes"], []
     for path, p in zip(args.image, probs):
         top = [(classes[c], 100 * v) for v, c in zip(*p.topk(min(3, len(classes))))]
@@ -423,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     state = load_checkpoint(args.ckpt)
     out = Path(args.out) if args.out else Path(args.ckpt).parent
     refuse_if_training(out)
-    model = model_from_checkpoint(state, "ema" if args.ema else "model")
+    model = model_from_checkpoint(state, "ema" if args.ema else args.weights)
     layers = {spec: find_layers(model, spec) for spec in dict.fromkeys(args.layer or [DEFAULT_LAYER])}
 
     hardware.prepare_backend()

@@ -77,8 +77,12 @@ class TrainConfig:
 
     epochs: int = 20
     batch_size: int = 512
-    lr: float | None = None  # None: LR_PER_512 x batch_size / 512
+    lr: float | None = None  # the peak; None: LR_PER_512 x batch_size / 512
+    warmup: float = 0.25  # share of the steps over which the lr rises to the peak
+    lr_start: float = 1 / 20  # the first step's lr, as a share of the peak
+    lr_end: float = 1 / 4000  # the last step's lr, as a share of the peak
     weight_decay: float = 5e-4
+    decay_norms: bool = True  # weight decay on BatchNorm weights and on biases too
     momentum: float = 0.9
     label_smoothing: float = 0.1
     cutout: int = 8
@@ -100,6 +104,7 @@ class TrainConfig:
                 f"--label-smoothing must be in [0, 1), got {self.label_smoothing}",
             ),
             (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
+            (0 < self.warmup < 1, f"--warmup must be in (0, 1), got {self.warmup}"),
             (0 <= self.seed < 2**32, f"--seed must be in [0, 2**32), got {self.seed}"),
             (0 <= self.ema < 1, f"--ema must be in [0, 1), got {self.ema}"),
         ]
@@ -109,9 +114,10 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, saved: dict) -> TrainConfig:
-        """A checkpoint's config; keys this version does not know are ignored."""
+        """A checkpoint's config. Keys this version does not know are ignored; keys an older
+        version did not write take the values that version used."""
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in saved.items() if k in names})
+        return cls(**{**LEGACY, **{k: v for k, v in saved.items() if k in names}})
 
     def for_device(self) -> TrainConfig:
         """'auto' choices made for this machine (printed at start, stored in the checkpoint)."""
@@ -125,6 +131,8 @@ class TrainConfig:
 
 
 CONFIG_FLAGS = {f.name for f in fields(TrainConfig)}
+# What runs written before these settings existed used: their --resume continues the same way.
+LEGACY = {"warmup": 0.25, "lr_start": 1 / 20, "lr_end": 1 / 4000, "decay_norms": True}
 RESUME_FREE = {"dist_timeout"}  # may change on --resume
 
 
@@ -140,6 +148,12 @@ def parse_args(argv: list[str] | None) -> dict:
         "--lr",
         type=positive_float,
         help=f"OneCycle peak learning rate (default {LR_PER_512} x batch-size/512)",
+    )
+    p.add_argument(
+        "--warmup",
+        type=float,
+        metavar="SHARE",
+        help=f"share of the steps over which the lr rises to its peak (default {d.warmup})",
     )
     p.add_argument("--weight-decay", type=float, help=f"SGD weight decay (default {d.weight_decay})")
     p.add_argument(
@@ -288,35 +302,45 @@ def load_training_data(config: TrainConfig, device: torch.device) -> TrainingDat
     return TrainingData(train.to(device), monitor.to(device), monitor_name, splits.source)
 
 
-def one_cycle(optimizer: torch.optim.Optimizer, peak_lr: float, total_steps: int):
-    """OneCycle, stepped per batch: a linear rise from peak/20 to `peak_lr` over the first
-    quarter, then a linear fall to peak/4000; momentum stays at the optimizer's.
-
-    OneCycleLR divides by zero when a phase has no step (2 or 4 steps in all), so very short
-    runs get a longer warm-up share and fewer than 3 steps are refused.
+def one_cycle(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup: float, start: float, end: float
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """OneCycle-style, stepped per batch: linear from `start` x the peak up to the peak (each
+    group's lr) over the first `warmup` share of the steps, then linear down to `end` x the
+    peak at the last step. Momentum stays at the optimizer's.
     """
     if total_steps < 3:
         raise UsageError(
-            f"only {total_steps} optimizer step(s) in all; OneCycle needs 3 or more: "
+            f"only {total_steps} optimizer step(s) in all; a warm-up and a decay need 3 or more: "
             "lower --batch-size or raise --epochs"
         )
-    return torch.optim.lr_scheduler.OneCycleLR(
-        optimizer,
-        max_lr=peak_lr,
-        total_steps=total_steps,
-        pct_start=min(0.5, max(0.25, 1.5 / total_steps)),
-        anneal_strategy="linear",
-        div_factor=20,
-        final_div_factor=200,
-        cycle_momentum=False,
-    )
+    top = min(max(1, round(warmup * (total_steps - 1))), total_steps - 2)
+
+    def factor(step: int) -> float:
+        if step <= top:
+            return start + (1 - start) * step / top
+        return 1 + (end - 1) * min(1.0, (step - top) / (total_steps - 1 - top))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def parameter_groups(net: torch.nn.Module, config: TrainConfig) -> list[dict]:
+    """Weight decay on the convolution and linear weights; on BatchNorm weights and on
+    biases only with `decay_norms` (they set scales and offsets, which decay only shrinks)."""
+    decayed = [p for p in net.parameters() if p.ndim > 1 or config.decay_norms]
+    others = [p for p in net.parameters() if not (p.ndim > 1 or config.decay_norms)]
+    groups = [{"params": decayed, "weight_decay": config.weight_decay}]
+    return groups + ([{"params": others, "weight_decay": 0.0}] if others else [])
 
 
 class WeightAverage:
-    """An exponential moving average of the weights (and a copy of the BatchNorm buffers).
+    """An exponential moving average of the weights and of the BatchNorm statistics.
 
-    torch.optim.swa_utils.AveragedModel does this too, but tests `n_averaged == 0` on the
-    host at every update, a device sync per step; one fused lerp needs none.
+    The decay warms up, (1 + t) / (10 + t) after t updates until it reaches `decay`, so the
+    random initial weights are forgotten at once: with a constant 0.999, 37 % of a
+    1,000-step average would still be them. torch.optim.swa_utils.AveragedModel tests
+    `n_averaged == 0` on the host at every update, a device sync per step; these fused
+    lerps need none.
     """
 
     def __init__(self, net: torch.nn.Module, decay: float) -> None:
@@ -325,11 +349,19 @@ class WeightAverage:
         for p in self.model.parameters():
             p.requires_grad_(False)
 
+    def decay_at(self, updates: int) -> float:
+        return min(self.decay, (1 + updates) / (10 + updates))
+
     @torch.no_grad()
-    def update(self, net: torch.nn.Module) -> None:
-        torch._foreach_lerp_(list(self.model.parameters()), list(net.parameters()), 1 - self.decay)
+    def update(self, net: torch.nn.Module, updates: int) -> None:
+        """Fold in `net`'s weights; `updates` is how many updates came before this one."""
+        weight = 1 - self.decay_at(updates)
+        floats = [(a, b) for a, b in zip(self.model.buffers(), net.buffers()) if a.is_floating_point()]
+        torch._foreach_lerp_(list(self.model.parameters()), list(net.parameters()), weight)
+        torch._foreach_lerp_([a for a, _ in floats], [b for _, b in floats], weight)
         for mine, theirs in zip(self.model.buffers(), net.buffers()):
-            mine.copy_(theirs)
+            if not mine.is_floating_point():
+                mine.copy_(theirs)
 
 
 @dataclass
@@ -354,14 +386,11 @@ def build_training(fabric: Fabric, config: TrainConfig, data: TrainingData, out:
     fabric.seed_everything(config.seed, verbose=False)
     net = build_model(len(data.train.classes)).to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(
-        net.parameters(),
-        lr=config.lr,
-        momentum=config.momentum,
-        nesterov=True,
-        weight_decay=config.weight_decay,
+        parameter_groups(net, config), lr=config.lr, momentum=config.momentum, nesterov=True
     )
     steps_per_epoch = math.ceil(len(data.train) / config.batch_size)
-    scheduler = one_cycle(optimizer, config.lr, config.epochs * steps_per_epoch)
+    total_steps = config.epochs * steps_per_epoch
+    scheduler = one_cycle(optimizer, total_steps, config.warmup, config.lr_start, config.lr_end)
     model, optimizer = fabric.setup(torch.compile(net) if config.compile else net, optimizer)
     ema = WeightAverage(net, config.ema) if config.ema else None
     mean, std = (torch.tensor(v, device=fabric.device) for v in (CIFAR10_MEAN, CIFAR10_STD))
@@ -420,6 +449,7 @@ def checkpoint(t: Training, state: RunState) -> dict:
     return {
         "model": t.net.state_dict(),
         **({"ema": t.ema.model.state_dict()} if t.ema else {}),
+        "scored": "ema" if t.ema else "model",  # the weights best.pt was chosen with
         "optimizer": t.optimizer.state_dict(),
         "scheduler": t.scheduler.state_dict(),
         "epoch": state.epoch,
@@ -523,7 +553,7 @@ def run_epoch(t: Training, state: RunState, stop: StopRequest) -> EpochEnd:
         sums += torch.stack([loss * plan.batch, correct])  # on the device: no host sync
         images += plan.batch
         if t.ema:
-            t.ema.update(t.net)
+            t.ema.update(t.net, state.epoch * t.steps_per_epoch + step)
         bad_step.masked_fill_((bad_step < 0) & ~torch.isfinite(loss), state.epoch * t.steps_per_epoch + step)
         bar.update(1)
         last = step + 1 == t.steps_per_epoch
@@ -729,10 +759,15 @@ def print_plan(t: Training, state: RunState, explicit: set[str], resumed_from: s
         f"{' (auto)' if 'precision' not in explicit and not resumed_from else ''}, channels_last, "
         f"compile {'on' if c.compile else 'off'}"
     )
+    lr = f"peak lr {c.lr:g}, from {c.lr_start:g}x over the first {c.warmup:.0%} of steps, to {c.lr_end:g}x"
     p(
         f"schedule  {c.epochs} epochs x {t.steps_per_epoch} steps of {c.batch_size} "
-        f"({c.batch_size // t.fabric.world_size} per process), OneCycle peak lr {c.lr}, SGD Nesterov, "
-        f"wd {c.weight_decay}, label smoothing {c.label_smoothing}"
+        f"({c.batch_size // t.fabric.world_size} per process), {lr}"
+    )
+    p(
+        f"optimizer SGD Nesterov, momentum {c.momentum}, weight decay {c.weight_decay:g}"
+        f"{'' if c.decay_norms else ' (not on BatchNorm and biases)'}, label smoothing {c.label_smoothing}, "
+        f"cutout {c.cutout}px{f', EMA of the weights {c.ema}' if c.ema else ''}"
     )
     p("model     CIFAR ResNet-18, parameters per module:\n" + "\n".join(summary_lines(t.net)))
     if c.epochs * t.steps_per_epoch < 100:

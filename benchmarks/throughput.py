@@ -69,7 +69,7 @@ def main() -> None:
     optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
     n_images = batch * steps
     total_steps = (args.blocks + 1) * steps * 2 + 10
-    scheduler = train.one_cycle(optimizer, 0.01, total_steps)
+    scheduler = train.one_cycle(optimizer, total_steps, config.warmup, config.lr_start, config.lr_end)
     model, optimizer = fabric.setup(torch.compile(net) if compile_model else net, optimizer)
 
     gen = torch.Generator().manual_seed(0)

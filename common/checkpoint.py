@@ -2,7 +2,8 @@
 
 Keys: model (clean names), optimizer, scheduler, epoch, step, partial (the running sums of an
 interrupted epoch), rng, config, classes, mean, std, history, best_acc, best_rule, argv,
-versions, git_commit, and ema with --ema. evaluate.py and explain.py need nothing
+versions, git_commit, and with --ema the average `ema` and `scored` (which weights the run
+scored). evaluate.py and explain.py need nothing
 else. Writes are atomic (temp file + rename), so a crash never leaves half a file.
 """
 
@@ -59,16 +60,21 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return state
 
 
-def model_from_checkpoint(state: dict[str, Any], weights: str = "model") -> ResNet18:
+WEIGHTS = ("scored", "trained", "ema")
+
+
+def model_from_checkpoint(state: dict[str, Any], weights: str = "scored") -> ResNet18:
     """Rebuild the plain model (no compile, no wrappers) in eval mode.
 
-    weights: "model" for the trained weights, "ema" for their moving average (--ema).
+    weights: "scored", the weights the run scored and chose best.pt with (its moving average
+    when trained with --ema); "trained", the optimizer's weights; "ema", their moving average.
     """
-    if weights not in state:
+    key = {"scored": state.get("scored", "model"), "trained": "model", "ema": "ema"}[weights]
+    if key not in state:
         raise CheckpointError("this checkpoint has no EMA weights (it was trained without --ema)")
     model = build_model(len(state["classes"]))
     try:
-        model.load_state_dict(strip_wrapper_prefixes(state[weights]))
+        model.load_state_dict(strip_wrapper_prefixes(state[key]))
     except RuntimeError as err:
         raise CheckpointError(
             f"checkpoint weights do not fit the CIFAR ResNet-18: {str(err).splitlines()[0]}"

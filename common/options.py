@@ -61,6 +61,17 @@ def add_accelerator_option(parser: argparse.ArgumentParser, default="auto") -> N
     )
 
 
+def add_weights_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--weights",
+        choices=("scored", "trained", "ema"),
+        default="scored",
+        help="scored (default): the weights the run scored and chose best.pt with, i.e. the moving "
+        "average when it was trained with --ema; trained: the optimizer's weights; ema: the average",
+    )
+    parser.add_argument("--ema", action="store_true", help="the same as --weights ema")
+
+
 def command(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
     """Turn the project's user-facing errors into one line on stderr and exit code 2."""
     from common.checkpoint import CheckpointError

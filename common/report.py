@@ -61,6 +61,13 @@ def _rows(value: Any) -> list[dict]:
     return [r for r in value if isinstance(r, dict)] if isinstance(value, list) else []
 
 
+def _dig(value: Any, *keys: str) -> Any:
+    """value[k1][k2]..., or None where a level is missing or not a dict."""
+    for key in keys:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
 def _text(value: Any) -> str:
     return "" if value is None else escape(str(value))
 
@@ -144,7 +151,8 @@ def _header(summary: dict, evaluation: dict) -> str:
                 ("test accuracy ", e.get("accuracy"), "%", ""),
                 ("on ", e.get("n_images"), "{:,.0f}", " images"),
                 ("loss ", e.get("loss"), "{:.4f}", ""),
-                ("with flip TTA ", tta.get("accuracy"), "%", ""),
+                ("with flip TTA ", _dig(tta, "flip", "accuracy"), "%", ""),
+                ("flip + shifts ", _dig(tta, "flip_translate", "accuracy"), "%", ""),
                 ("ECE ", e.get("ece"), "{:.4f}", ""),
                 ("checkpoint ", e.get("checkpoint"), None, ""),
             ]

@@ -64,14 +64,23 @@ def test_counts_every_image_once_and_agrees_with_a_plain_loop(tmp_path, trained_
         assert (tmp_path / name).stat().st_size > 1000
 
 
-def test_tta_is_reported_beside_the_plain_figure(tmp_path, trained_run):
+def test_tta_is_reported_beside_the_plain_figure(tmp_path, trained_run, tiny_folder):
     args = ["--ckpt", str(trained_run / "best.pt"), "--precision", "32-true", "--accelerator", "cpu"]
     assert evaluate.main([*args, "--out", str(tmp_path / "plain")]) == 0
     assert evaluate.main([*args, "--out", str(tmp_path / "tta"), "--tta"]) == 0
     plain = json.loads((tmp_path / "plain" / "evaluation.json").read_text())
     tta = json.loads((tmp_path / "tta" / "evaluation.json").read_text())
     assert plain["tta"] is None and tta["accuracy"] == plain["accuracy"]
-    assert 0 <= tta["tta"]["accuracy"] <= 1
+    assert set(tta["tta"]) == {"flip", "flip_translate"}
+    # The flip average, computed independently: the image and its mirror image.
+    from common.data import load_cifar10
+
+    test = load_cifar10(str(tiny_folder)).test
+    flip = (independent_probs(trained_run / "best.pt", test.images)
+            + independent_probs(trained_run / "best.pt", test.images.flip(-1))) / 2  # fmt: skip
+    expected = (flip.argmax(1) == test.labels).float().mean().item()
+    assert abs(tta["tta"]["flip"]["accuracy"] - expected) < 1e-9
+    assert 0 <= tta["tta"]["flip_translate"]["accuracy"] <= 1
 
 
 def test_refuses_data_with_other_class_names(tmp_path, trained_run, tiny_folder, capsys):

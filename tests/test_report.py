@@ -105,7 +105,10 @@ def full_run(tmp_path: Path) -> Path:
                 "accuracy": 0.6234,
                 "loss": 1.1,
                 "n_images": 200,
-                "tta": {"accuracy": 0.6311, "loss": 1.05},
+                "tta": {
+                    "flip": {"accuracy": 0.6311, "loss": 1.05},
+                    "flip_translate": {"accuracy": 0.6402, "loss": 1.0},
+                },
                 "ece": 0.0421,
                 "per_class": {
                     "cat": {"images": 100, "accuracy": 0.5, "precision": 0.55, "recall": 0.5},
@@ -169,6 +172,7 @@ def test_full_report_has_every_section_and_nothing_external(full_run: Path):
     for fact in [
         "62.34%",
         "63.11%",
+        "64.02%",
         "0.0421",
         "runs/x/best.pt",
         "41.23%",

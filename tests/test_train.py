@@ -69,8 +69,8 @@ def test_run_writes_metrics_curves_and_summary(trained_run):
 
 
 def test_one_cycle_rises_then_falls():
-    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    sched = train.one_cycle(opt, 0.4, total_steps=100)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.4)
+    sched = train.one_cycle(opt, total_steps=100, warmup=0.25, start=1 / 20, end=1 / 4000)
     lrs = []
     for _ in range(100):
         lrs.append(sched.get_last_lr()[0])
@@ -185,7 +185,13 @@ def test_ema_weights_are_saved_under_their_own_key(
     assert not torch.equal(state["ema"]["linear.weight"], state["model"]["linear.weight"])
     # The trained weights do not depend on whether an average is kept beside them.
     same_weights(state["model"], weights(trained_run / "last.pt"))
-    assert evaluate.main(["--ckpt", str(tmp_path / "last.pt"), "--ema", "--precision", "32-true"]) == 0
+    assert state["scored"] == "ema"
+    # evaluate.py uses by default the weights the run scored: the average.
+    for which in ("scored", "ema", "trained"):
+        args = ["--ckpt", str(tmp_path / "last.pt"), "--weights", which, "--precision", "32-true"]
+        assert evaluate.main([*args, "--out", str(tmp_path / which)]) == 0
+    predictions = {w: (tmp_path / w / "predictions.csv").read_text() for w in ("scored", "ema", "trained")}
+    assert predictions["scored"] == predictions["ema"] != predictions["trained"]
     assert evaluate.main(["--ckpt", str(trained_run / "last.pt"), "--ema", "--out", str(tmp_path)]) == 2
     assert "no EMA weights" in capsys.readouterr().err
 
