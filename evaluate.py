@@ -40,7 +40,7 @@ from common.options import (
     positive_int,
 )
 from common.plots import plot_confusion, plot_gallery, plot_reliability
-from common.predict import predict_probs
+from common.predict import predict_probs, with_temperature
 from common.report import write_report
 
 OUTPUTS = (
@@ -56,7 +56,7 @@ OUTPUTS = (
 def parse_args(argv: list[str] | None):
     p = Parser(prog="evaluate.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", default="best.pt", help="checkpoint to evaluate (default best.pt)")
-    add_data_option(p, "default: the source recorded in the checkpoint")
+    add_data_option(p, "default: the source recorded in the checkpoint", test_only=True)
     p.add_argument("--out", help="output folder (default: the checkpoint's folder)")
     add_accelerator_option(p)
     p.add_argument(
@@ -99,12 +99,20 @@ def class_metrics(probs: torch.Tensor, labels: torch.Tensor, n_classes: int) -> 
     }
 
 
-def draw(probs: torch.Tensor, test: Dataset, classes: list[str], m: dict, out: Path, show: int) -> None:
-    confidence, preds = probs.max(1)
+def draw(probs: torch.Tensor, shown: torch.Tensor, test: Dataset, classes: list[str], m: dict, out: Path,
+         show: int) -> None:  # fmt: skip
+    """The pictures; `shown` are the probabilities whose confidences are shown (calibrated when
+    the checkpoint holds a temperature)."""
     labels = test.labels
     title = f"Confusion matrix, {len(test):,} test images, accuracy {100 * m['accuracy']:.2f}%"
     plot_confusion(m["confusion"], classes, out / results.CONFUSION, title)
-    plot_reliability(confidence, preds == labels, out / results.CALIBRATION, m["ece"])
+    panels = [("Reliability", probs.max(1).values, probs.argmax(1) == labels, m["ece"])]
+    if m["temperature"]:
+        after = f"After temperature scaling (T = {m['temperature']:.2f})"
+        calibrated = (after, shown.max(1).values, shown.argmax(1) == labels, m["ece_calibrated"])
+        panels = [("Before calibration", *panels[0][1:]), calibrated]
+    plot_reliability(panels, out / results.CALIBRATION)
+    confidence, preds = shown.max(1)
     wrong = (preds != labels).nonzero().flatten()
     wrong = wrong[confidence[wrong].argsort(descending=True)][:show]
     captions = [
@@ -147,6 +155,8 @@ def evaluation_report(
         "accuracy": m["accuracy"],
         "loss": m["loss"],
         "ece": m["ece"],
+        "temperature": m["temperature"],
+        "ece_calibrated": m["ece_calibrated"],
         "tta": tta,
         "device": device,
         "precision": precision,
@@ -169,6 +179,12 @@ def print_summary(report: dict, m: dict, classes: list[str], pass_s: float, out:
         f"\ntest accuracy  {100 * report['accuracy']:.2f}%  ({round(report['accuracy'] * n):,}/{n:,}), "
         f"loss {report['loss']:.4f}, expected calibration error {100 * report['ece']:.2f}%"
     )
+    if report["temperature"]:
+        print(
+            f"calibrated     temperature {report['temperature']:.3f} (fitted on held-out images): expected "
+            f"calibration error {100 * report['ece']:.2f}% -> {100 * report['ece_calibrated']:.2f}%; "
+            "the confidences shown are the calibrated ones"
+        )
     if tta:
         print(
             f"with TTA       flip {100 * tta['flip']['accuracy']:.2f}%, flip + shifts "
@@ -199,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     model = model.to(torch.device(accelerator), memory_format=torch.channels_last)
     mean, std = torch.tensor(state["mean"]), torch.tensor(state["std"])
     print(f"checkpoint {args.ckpt} (epoch {state.get('epoch', '?')}, {len(classes)} classes)")
-    print(f"data       {splits.source}: test {len(test):,} images")
+    print(f"data       {splits.source}: {len(test):,} test images")
     print(f"device     {accelerator}, precision {precision}")
 
     pass_start = time.perf_counter()
@@ -209,13 +225,17 @@ def main(argv: list[str] | None = None) -> int:
     probs = found.plain
     assert len(probs) == len(test.labels), "every test image is scored exactly once"
     m = class_metrics(probs, test.labels, len(classes))
+    # A temperature fitted on held-out images (train.py --val-split) calibrates the confidences.
+    m["temperature"] = state.get("temperature")
+    shown = with_temperature(probs, m["temperature"]) if m["temperature"] else probs
+    m["ece_calibrated"] = class_metrics(shown, test.labels, len(classes))["ece"] if m["temperature"] else None
     tta = None
     if args.tta:  # beside the plain figure, never instead of it
         views = {"flip": found.flip, "flip_translate": found.flip_translate}
         tta = {name: accuracy_and_loss(p, test.labels) for name, p in views.items()}
 
-    draw(probs, test, classes, m, out, args.show)
-    write_predictions(probs, test.labels, classes, out / results.PREDICTIONS)
+    draw(probs, shown, test, classes, m, out, args.show)
+    write_predictions(shown, test.labels, classes, out / results.PREDICTIONS)
     report = evaluation_report(args, splits.source, len(test), m, tta, accelerator, precision, classes)
     report.update(forward_s=pass_s, total_s=time.perf_counter() - started)
     with atomic_write(out / results.EVALUATION) as f:

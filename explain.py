@@ -1,23 +1,24 @@
-"""Explain a checkpoint's mistakes (or your own pictures) with class activation maps.
+"""Explain a checkpoint's predictions with class activation maps: where did it look?
 
-    python explain.py --layer layer4 --n 20            # Grad-CAM at layer4 of the 20 most confident mistakes
-    python explain.py                                  # the default, layer2: 16x16 maps, sharper
-    python explain.py --method all --layer layer3 --layer layer3+layer4
+    python explain.py --layer layer4 --n 20            # the 20 most confident mistakes, at layer4
+    python explain.py                                  # the defaults (README, "Explanations you can check")
+    python explain.py --class cat --correct --n 8      # the cats it is surest about, right or wrong
+    python explain.py --index 12 57 --method all       # these test images, every method
+    python explain.py --sample 16                      # a seeded random sample of the test set
     python explain.py --image cat.jpg dog.png          # your own pictures, resized to 32x32
 
-Needs only the checkpoint (and the data). Writes beside the checkpoint (or into --out):
-gradcam.png, cams.npz (one npz per method and layer when several), explanations.json with
-each method's faithfulness (ROAD, against RandomCAM), and report.html. The CAMs come from
-pytorch_grad_cam and run on the plain model: hooks added after torch.compile are ignored.
+For each image it maps the evidence for the predicted class, for the true class, and for the
+contrast a mistake asks about: why the predicted class rather than the true one (for a right
+prediction or your own picture: rather than the runner-up). Needs only the checkpoint (and the
+data). Writes beside the checkpoint (or into --out): gradcam.png, cams.npz (one npz per method
+and layer when several), explanations.json with the faithfulness tables (ROAD against
+RandomCAM), and report.html, where every map of every image can be explored.
 Do the CAMs point at the evidence? benchmarks/pointing_game.py measures it.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -25,18 +26,28 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, RandomCAM, ScoreCAM
-from pytorch_grad_cam.metrics.road import ROADCombined
 from pytorch_grad_cam.utils.image import show_cam_on_image
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget
 from tqdm import tqdm
 
 from common import hardware, results
 from common.atomic import atomic_write
+from common.cams import (
+    METHODS,
+    ROAD_PERCENTILES,
+    TARGETS,
+    choose_methods,
+    class_targets,
+    compute_cams,
+    find_layers,
+    map_size,
+    mean_se,
+    paired_difference,
+    random_maps,
+    road_scores,
+)
 from common.checkpoint import data_for, load_checkpoint, model_from_checkpoint
-from common.data import DataError, normalize
+from common.data import DataError, Dataset, normalize
 from common.lock import refuse_if_training
-from common.model import top_level_names
 from common.options import (
     Parser,
     UsageError,
@@ -44,182 +55,91 @@ from common.options import (
     add_data_option,
     add_weights_options,
     command,
+    non_negative_int,
     positive_int,
 )
 from common.plots import plot_cam_comparison, plot_cam_grid, to_hwc
 from common.predict import predict_probs
 from common.report import write_report
 
-METHODS = {
-    "gradcam": GradCAM,
-    "gradcam++": GradCAMPlusPlus,
-    "hirescam": HiResCAM,
-    "layercam": LayerCAM,
-    "eigencam": EigenCAM,
-    "scorecam": ScoreCAM,
-}
-NAMES = {
-    "gradcam": "GradCAM",
-    "gradcam++": "GradCAM++",
-    "hirescam": "HiResCAM",
-    "layercam": "LayerCAM",
-    "eigencam": "EigenCAM",
-    "scorecam": "ScoreCAM",
-}
-# Chosen by measurement (README, "Explanations"): in the full pointing game GradCAM at layer2
-# put the peak on the object 97 % of the time (layer3 81 %, layer4 38 %) and beat RandomCAM by
-# ROAD; GradCAM++ pointed as often (98 %) but did not beat RandomCAM.
+# Chosen by measurement (README, "Explanations you can check"): the pointing game and ROAD.
 DEFAULT_METHOD = "gradcam"
 DEFAULT_LAYER = "layer2"
-ROAD_PERCENTILES = [20, 40, 60, 80]
 
 
 def parse_args(argv: list[str] | None):
     p = Parser(prog="explain.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", default="best.pt", help="checkpoint to explain (default best.pt)")
-    add_data_option(p, "default: the source recorded in the checkpoint")
+    add_data_option(p, "default: the source recorded in the checkpoint", test_only=True)
     p.add_argument("--out", help="output folder (default: the checkpoint's folder)")
-    p.add_argument(
-        "--layer",
-        action="append",
-        metavar="NAME",
-        help="module whose activations the CAM uses: layer4, layer3, layer3.1.conv2, or several fused "
-        f"with '+' such as layer3+layer4; repeat to compare (default {DEFAULT_LAYER})",
-    )
-    p.add_argument(
+    maps = p.add_argument_group("the maps")
+    maps.add_argument(
         "--method",
         action="append",
         metavar="NAME",
-        help=f"{', '.join(NAMES.values())} or all; repeat to compare (default GradCAM)",
+        help=f"{', '.join(METHODS)} or all; repeat to compare (default {DEFAULT_METHOD})",
     )
-    p.add_argument("--n", type=positive_int, default=20, help="misclassified images to explain (default 20)")
-    p.add_argument(
+    maps.add_argument(
+        "--layer",
+        action="append",
+        metavar="NAME",
+        help="module whose activations the CAM uses: layer4, layer3, layer3.1.conv2, or several "
+        f"fused with '+' such as layer3+layer4; repeat to compare (default {DEFAULT_LAYER})",
+    )
+    maps.add_argument(
+        "--target",
+        action="append",
+        choices=TARGETS,
+        help="whose evidence: pred (the predicted class), true (the true class), contrast (the "
+        "predicted class rather than the true one, or than the runner-up); default all three",
+    )
+    maps.add_argument(
+        "--aug-smooth", action="store_true", help="average each map over flipped and scaled copies"
+    )
+    maps.add_argument("--eigen-smooth", action="store_true", help="keep each map's first principal component")
+    which = p.add_argument_group("which images (default: the most confident mistakes)")
+    which.add_argument("--n", type=positive_int, default=20, help="at most this many images (default 20)")
+    which.add_argument(
         "--order",
         choices=("confidence", "index"),
         default="confidence",
-        help="which mistakes: the most confident first (default) or in test-set order",
+        help="the most confident first (default) or in test-set order",
     )
+    which.add_argument("--correct", action="store_true", help="right predictions too, not only mistakes")
+    which.add_argument(
+        "--class",
+        dest="classes",
+        action="append",
+        metavar="NAME",
+        help="only test images of this true class; repeat for several",
+    )
+    which.add_argument(
+        "--sample",
+        type=positive_int,
+        metavar="N",
+        help="N test images drawn at random (seeded by --seed), right or wrong",
+    )
+    which.add_argument("--index", type=non_negative_int, nargs="+", metavar="I", help="these test images")
+    which.add_argument("--image", nargs="+", metavar="PATH", help="your own pictures, instead of test images")
+    check = p.add_argument_group("faithfulness")
+    check.add_argument(
+        "--road-sample",
+        type=non_negative_int,
+        default=200,
+        metavar="N",
+        help="score each method by ROAD on N seeded random test images, paired against RandomCAM "
+        "(default 200; 0: only the explained images)",
+    )
+    check.add_argument("--no-faithfulness", action="store_true", help="skip the ROAD faithfulness scores")
     p.add_argument(
-        "--image", nargs="+", metavar="PATH", help="explain these pictures instead of the mistakes"
+        "--seed", type=int, default=0, help="seed of --sample, ROAD's noise and RandomCAM (default 0)"
     )
-    p.add_argument("--no-faithfulness", action="store_true", help="skip the ROAD faithfulness scores")
-    p.add_argument("--seed", type=int, default=0, help="seed of ROAD's noise and RandomCAM (default 0)")
-    p.add_argument("--batch-size", type=positive_int, default=64, help="images per CAM batch")
     add_weights_options(p)
     add_accelerator_option(p)
     return p.parse_args(argv)
 
 
-def chosen_methods(given: list[str] | None) -> list[str]:
-    names = [m.lower() for m in (given or [DEFAULT_METHOD])]
-    if "all" in names:
-        return list(METHODS)
-    for name in names:
-        if name not in METHODS:
-            raise UsageError(f"unknown --method '{name}'; choose from {', '.join(NAMES.values())} or all")
-    return list(dict.fromkeys(names))
-
-
-# --- layers and CAMs ---------------------------------------------------------------------------
-
-
-def find_layers(model: torch.nn.Module, spec: str) -> list[torch.nn.Module]:
-    """'layer3+layer4' -> [model.layer3, model.layer4]; unknown names are one clear line."""
-    layers = []
-    for name in spec.split("+"):
-        try:
-            if not name.strip():
-                raise AttributeError
-            layers.append(model.get_submodule(name))
-        except AttributeError:
-            raise UsageError(
-                f"unknown layer '{name}'; top-level modules are {', '.join(top_level_names(model))} "
-                "(nested names such as layer3.1.conv2 work too, and '+' fuses layers)"
-            ) from None
-    for name, shape in zip(spec.split("+"), output_shapes(model, layers)):
-        if len(shape) != 4:
-            raise UsageError(
-                f"layer '{name}' gives no spatial map (output {list(shape)}); "
-                "CAMs need a convolutional layer such as layer3 or layer4"
-            )
-    return layers
-
-
-def output_shapes(model: torch.nn.Module, layers: list[torch.nn.Module]) -> list[tuple]:
-    """Each layer's output shape on one 32x32 input."""
-    seen: dict[int, tuple] = {}
-
-    def record(k: int):
-        def hook(module, inputs, output) -> None:  # returning None keeps the output as it is
-            seen.setdefault(k, tuple(output.shape))
-
-        return hook
-
-    handles = [layer.register_forward_hook(record(k)) for k, layer in enumerate(layers)]
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        model(torch.zeros(1, 3, 32, 32, device=device))
-    for handle in handles:
-        handle.remove()
-    return [seen.get(k, ()) for k in range(len(layers))]
-
-
-def layer_size(model: torch.nn.Module, layers: list[torch.nn.Module]) -> str:
-    """The layers' spatial map sizes on a 32x32 input, e.g. '4x4 map': the CAM's resolution."""
-    return " + ".join(f"{s[2]}x{s[3]}" for s in output_shapes(model, layers)) + " map"
-
-
-def compute_cams(
-    model: torch.nn.Module,
-    method: str,
-    layers: list[torch.nn.Module],
-    images: torch.Tensor,
-    target_classes: torch.Tensor,
-    batch_size: int = 64,
-    desc: str = "",
-) -> np.ndarray:
-    """CAMs float32 (N,H,W) in [0,1] of normalised `images` for `target_classes`.
-
-    `method` is a key of METHODS or "random" (RandomCAM, the faithfulness baseline).
-    """
-    cam_class = RandomCAM if method == "random" else METHODS[method]
-    device = next(model.parameters()).device
-    maps = np.zeros((len(images), *images.shape[-2:]), np.float32)
-    # ScoreCAM draws a progress bar per image: keep the terminal readable.
-    quiet = contextlib.redirect_stderr(io.StringIO()) if method == "scorecam" else contextlib.nullcontext()
-    with cam_class(model=model, target_layers=layers) as cam, quiet:
-        cam.batch_size = 256  # ScoreCAM's masked copies per forward pass (default 16)
-        starts = range(0, len(images), batch_size)
-        for start in tqdm(starts, desc=desc, leave=False, disable=len(images) <= batch_size):
-            x = images[start : start + batch_size].to(device)
-            targets = [ClassifierOutputTarget(int(c)) for c in target_classes[start : start + batch_size]]
-            maps[start : start + len(x)] = cam(input_tensor=x, targets=targets)
-    return np.nan_to_num(np.clip(maps, 0, 1))
-
-
-def road_scores(
-    model: torch.nn.Module, images: torch.Tensor, maps: np.ndarray, classes: torch.Tensor, seed: int
-) -> np.ndarray:
-    """pytorch_grad_cam's ROADCombined per image, for the softmax of `classes`: higher means
-    removing what the CAM marks hurts the class more than removing what it leaves out."""
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    device = next(model.parameters()).device
-    targets = [ClassifierOutputSoftmaxTarget(int(c)) for c in classes]
-    road = ROADCombined(percentiles=ROAD_PERCENTILES)(images.to(device), maps, targets, model)
-    return np.asarray(road, dtype=np.float64).reshape(-1)
-
-
-def mean_se(values: np.ndarray) -> tuple[float, float]:
-    se = values.std(ddof=1) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
-    return float(values.mean()), float(se)
-
-
-def slug(method: str, layer: str) -> str:
-    return f"{method.replace('++', 'pp')}_{layer}"
-
-
-# --- which images: the mistakes, or the user's pictures ----------------------------------------
+# --- which images: test images chosen one of several ways, or the user's pictures ------------
 
 
 @dataclass
@@ -232,59 +152,97 @@ class Selection:
     index: torch.Tensor  # test-set index, or the picture's position in --image
     captions: list[str]
     what: str  # e.g. "the 20 most confident mistakes"
-    user: bool  # the user's pictures: files named user_*, no faithfulness report
+    user: bool  # the user's pictures: files named user_*
 
     @property
     def preds(self) -> torch.Tensor:
         return self.probs.argmax(1)
 
+    @property
+    def others(self) -> torch.Tensor:
+        """The class each contrast is against: the true one for a mistake, else the runner-up."""
+        runner_up = self.probs.topk(2, dim=1).indices[:, 1]
+        return torch.where((self.labels >= 0) & (self.labels != self.preds), self.labels, runner_up)
 
-def select_mistakes(model, state: dict, args, autocast: torch.dtype | None) -> Selection:
-    """The test set's most confident (or first) mistakes, up to --n."""
-    splits = data_for(state, args.data)
-    test, classes = splits.test, state["classes"]
+
+def test_images(state: dict, args, model, autocast: torch.dtype | None) -> Selection:
+    """Test images chosen by --index, --class, --correct, --sample or (default) the most
+    confident mistakes, with the probabilities of the model as explained (fp32)."""
+    test, classes = data_for(state, args.data).test, state["classes"]
     mean, std = torch.tensor(state["mean"]), torch.tensor(state["std"])
-    # Same predictions as evaluate.py: same precision rule, same pass.
-    probs = predict_probs(model, test.images, mean, std, autocast=autocast).plain
-    wrong = (probs.argmax(1) != test.labels).nonzero().flatten()
-    if args.order == "confidence":
-        wrong = wrong[probs[wrong].max(1).values.argsort(descending=True, stable=True)]
-    # The CAMs run in fp32: re-score the candidates in fp32 and keep those still wrong,
-    # so "predicted" means the class the explained model predicts.
-    candidates = wrong[: 2 * args.n + 10]
-    probs32 = predict_probs(model, test.images[candidates], mean, std).plain
-    still_wrong = probs32.argmax(1) != test.labels[candidates]
-    index, probs = candidates[still_wrong][: args.n], probs32[still_wrong][: args.n]
-    print(f"checkpoint {args.ckpt}: {len(wrong):,} of {len(test):,} test images misclassified")
-    if len(index) < args.n:
-        print(f"note: only {len(index)} misclassified images, fewer than --n {args.n}; showing all")
+    if args.index:
+        index, what = checked_indices(args.index, len(test)), f"test images {', '.join(map(str, args.index))}"
+    else:
+        # Same predictions as evaluate.py: same precision rule, same pass.
+        probs = predict_probs(model, test.images, mean, std, autocast=autocast).plain
+        index, what = pick(probs, test, classes, args)
+    probs = predict_probs(model, test.images[index], mean, std).plain  # the CAMs run in fp32
+    if not (args.correct or args.index or args.sample):  # mistakes: those still wrong in fp32
+        still_wrong = probs.argmax(1) != test.labels[index]
+        index, probs = index[still_wrong], probs[still_wrong]
+    index, probs = index[: args.n], probs[: args.n]
     labels = test.labels[index]
     captions = [
         f"#{i} true {classes[t]}\npred {classes[p.argmax()]} {100 * p.max():.0f}%"
         for i, t, p in zip(index.tolist(), labels.tolist(), probs)
     ]
-    which = "most confident" if args.order == "confidence" else "first"
     return Selection(
-        test.images[index], labels, probs, index, captions, f"the {len(index)} {which} mistakes", False
+        test.images[index], labels, probs, index, captions, what.replace("{n}", str(len(index))), False
     )
 
 
-def select_pictures(model, state: dict, args, autocast: torch.dtype | None) -> Selection:
+def checked_indices(given: list[int], size: int) -> torch.Tensor:
+    bad = [i for i in given if i >= size]
+    if bad:
+        raise UsageError(
+            f"--index {bad[0]} is out of range: the test set has {size:,} images (0 to {size - 1})"
+        )
+    return torch.tensor(list(dict.fromkeys(given)), dtype=torch.long)
+
+
+def pick(probs: torch.Tensor, test: Dataset, classes: list[str], args) -> tuple[torch.Tensor, str]:
+    """Candidate test images, in order, and what they are in words ({n}: how many)."""
+    keep = torch.ones(len(test), dtype=torch.bool)
+    for name in args.classes or []:
+        if name not in classes:
+            raise UsageError(f"unknown --class '{name}'; the classes are {', '.join(classes)}")
+    if args.classes:
+        keep &= torch.isin(test.labels, torch.tensor([classes.index(c) for c in args.classes]))
+    kind = " or ".join(args.classes or []) + (" " if args.classes else "")
+    if args.sample:
+        generator = torch.Generator().manual_seed(args.seed)
+        pool = keep.nonzero().flatten()
+        return pool[torch.randperm(len(pool), generator=generator)][
+            : args.sample
+        ], f"{{n}} random {kind}test images"
+    if not args.correct:
+        keep &= probs.argmax(1) != test.labels
+    index = keep.nonzero().flatten()
+    if args.order == "confidence":
+        index = index[probs[index].max(1).values.argsort(descending=True, stable=True)]
+    order = "most confident" if args.order == "confidence" else "first"
+    noun = "predictions" if args.correct else "mistakes"
+    # A margin over --n: predictions re-scored in fp32 may turn right, and are dropped then.
+    return index[: 2 * args.n + 10], f"the {{n}} {order} {kind}{noun}"
+
+
+def user_pictures(state: dict, args, model, autocast: torch.dtype | None) -> Selection:
     """The user's pictures (--image), resized to 32x32; no true label."""
     images, notes = load_user_images(args.image)
     for path, note in zip(args.image, notes):
         if note:
             print(f"note: {path} {note}")
     mean, std = torch.tensor(state["mean"]), torch.tensor(state["std"])
-    probs = predict_probs(model, images, mean, std, autocast=autocast).plain
+    probs = predict_probs(model, images, mean, std).plain
     classes, captions = state["classes"], []
     for path, p in zip(args.image, probs):
         top = [(classes[c], 100 * v) for v, c in zip(*p.topk(min(3, len(classes))))]
         print(f"{path}: " + ", ".join(f"{name} {v:.1f}%" for name, v in top))
         captions.append(f"{Path(path).name[:18]}\n" + "\n".join(f"{name} {v:.0f}%" for name, v in top))
     labels = torch.full((len(images),), -1)
-    what = f"{len(images)} of your pictures"
-    return Selection(images, labels, probs, torch.arange(len(images)), captions, what, True)
+    return Selection(
+        images, labels, probs, torch.arange(len(images)), captions, f"{len(images)} of your pictures", True
+    )
 
 
 def load_user_images(paths: list[str]) -> tuple[torch.Tensor, list[str]]:
@@ -295,85 +253,150 @@ def load_user_images(paths: list[str]) -> tuple[torch.Tensor, list[str]]:
     for path in paths:
         try:
             with Image.open(path) as img:
-                size = img.size
-                rgb = img.convert("RGB")
-                if size != (32, 32):
-                    rgb = rgb.resize((32, 32), Image.BICUBIC)
+                size, rgb = img.size, img.convert("RGB")
         except FileNotFoundError:
             raise DataError(f"image not found: {path}") from None
         except (UnidentifiedImageError, OSError):
             raise DataError(f"not an image: {path}") from None
+        rgb = rgb if size == (32, 32) else rgb.resize((32, 32), Image.BICUBIC)
         images.append(torch.from_numpy(np.array(rgb)).permute(2, 0, 1))
         notes.append("" if size == (32, 32) else f"resized from {size[0]}x{size[1]} to 32x32")
     return torch.stack(images), notes
 
 
-# --- the one path: CAMs, faithfulness, pictures, files -------------------------------------
+# --- the one path: CAMs, faithfulness, pictures, files ----------------------------------------
 
 
 @dataclass
 class Cams:
+    """One method at one layer: a map per image for each target."""
+
     method: str
     layer: str
-    pred: np.ndarray  # (N,32,32) for the predicted class
-    true: np.ndarray  # for the true class; NaN where it is unknown
+    maps: dict[str, np.ndarray]  # target -> (N,32,32) in [0,1]
+
+    @property
+    def name(self) -> str:
+        return f"{METHODS[self.method].name} {self.layer}"
 
 
-def explain(model, layers: dict, methods: list[str], sel: Selection, x: torch.Tensor, args) -> list[Cams]:
-    combos = [(m, spec) for spec in layers for m in methods]
+def explain(
+    model, layers: dict, methods: list[str], wanted: dict[str, list], x: torch.Tensor, args
+) -> list[Cams]:
+    """Maps of every method at every layer, for each wanted target ({target: one per image})."""
+    first = next(iter(layers))
+    combos = [(m, spec) for spec in layers for m in methods if METHODS[m].uses_layer or spec == first]
+    smooth = (args.aug_smooth, args.eigen_smooth)
     found = []
     for method, spec in tqdm(combos, desc="CAMs", disable=len(combos) == 1):
-        desc = f"{NAMES[method]} {spec}"
-        pred = compute_cams(model, method, layers[spec], x, sel.preds, args.batch_size, desc)
-        true = (
-            np.full_like(pred, np.nan)
-            if sel.user
-            else compute_cams(model, method, layers[spec], x, sel.labels, args.batch_size)
-        )
-        found.append(Cams(method, spec, pred, true))
+        make = METHODS[method]
+        maps = {
+            t: compute_cams(model, make, layers[spec], x, w, smooth, f"{method} {spec}")
+            for t, w in wanted.items()
+        }
+        found.append(Cams(method, spec if make.uses_layer else "every bias", maps))
     return found
 
 
-def faithfulness(model, layers: dict, cams: list[Cams], sel: Selection, x: torch.Tensor, args) -> list[dict]:
-    """ROAD of each method and layer against RandomCAM's at the same layer, same images."""
-    random_road, rows = {}, []
+def wanted_targets(sel: Selection, targets: list[str]) -> dict[str, list]:
+    """The pytorch_grad_cam targets of each asked-for kind (no true class for the user's pictures)."""
+    every = {
+        "pred": lambda: class_targets(sel.preds),
+        "contrast": lambda: class_targets(sel.preds, sel.others),
+        "true": lambda: class_targets(sel.labels),
+    }
+    return {t: every[t]() for t in targets if not (sel.user and t == "true")}
+
+
+def road_table(model, layers: dict, cams: list[Cams], images: torch.Tensor, classes: torch.Tensor, seed: int):
+    """ROAD of each method and layer (for `classes`) and of RandomCAM at the same layer, on
+    the same images: {name: (method's scores, RandomCAM's scores)}."""
+    baseline, scores = {}, {}
     for c in cams:
-        if c.layer not in random_road:
-            np.random.seed(args.seed)  # RandomCAM draws its weights from numpy
-            random_maps = compute_cams(model, "random", layers[c.layer], x, sel.preds, args.batch_size)
-            random_road[c.layer] = road_scores(model, x, random_maps, sel.preds, args.seed)
-        road = road_scores(model, x, c.pred, sel.preds, args.seed)
-        (m, se), (rm, rse) = mean_se(road), mean_se(random_road[c.layer])
+        spec = c.layer if c.layer in layers else next(iter(layers))
+        if spec not in baseline:
+            baseline[spec] = road_scores(
+                model,
+                images,
+                random_maps(model, layers[spec], images, class_targets(classes), seed),
+                classes,
+                seed,
+            )
+        scores[c.name] = (road_scores(model, images, c.maps["pred"], classes, seed), baseline[spec])
+    return scores
+
+
+def explained_faithfulness(model, layers: dict, cams: list[Cams], sel: Selection, x, seed: int) -> list[dict]:
+    """ROAD on the explained images themselves, mean ± standard error against RandomCAM."""
+    rows = []
+    for c, (road, random) in zip(cams, road_table(model, layers, cams, x, sel.preds, seed).values()):
+        (m, se), (rm, rse) = mean_se(road), mean_se(random)
         rows.append(
             {
-                "method": NAMES[c.method],
+                "method": METHODS[c.method].name,
                 "layer": c.layer,
                 "n": len(road),
                 "road_mean": m,
                 "road_se": se,
                 "random_mean": rm,
                 "random_se": rse,
-                "beats_random": m > rm + 2 * rse,
+                "beats_random": m > rm + 2 * se,
             }
         )
     return rows
 
 
-def save_arrays(cams: list[Cams], sel: Selection, out: Path) -> list[str]:
+def sampled_faithfulness(
+    model, layers: dict, methods: list[str], test: Dataset, state: dict, args
+) -> list[dict]:
+    """ROAD on a seeded random sample of test images, each method paired against RandomCAM on
+    the same images: the mean difference, its 95 % interval and the verdict that gives."""
+    index = torch.randperm(len(test), generator=torch.Generator().manual_seed(args.seed))[: args.road_sample]
+    mean, std = torch.tensor(state["mean"]), torch.tensor(state["std"])
+    preds = predict_probs(model, test.images[index], mean, std).plain.argmax(1)
+    x = normalize(test.images[index], mean, std)
+    cams = explain(model, layers, methods, {"pred": class_targets(preds)}, x, args)
+    rows = []
+    for c, (road, random) in zip(cams, road_table(model, layers, cams, x, preds, args.seed).values()):
+        rows.append(
+            {
+                "method": METHODS[c.method].name,
+                "layer": c.layer,
+                "n": len(road),
+                "road_mean": float(road.mean()),
+                "random_mean": float(random.mean()),
+                **paired_difference(road, random),
+            }
+        )
+    return rows
+
+
+def save_arrays(cams: list[Cams], sel: Selection, classes: list[str], out: Path) -> list[str]:
+    """One npz per method and layer: what report.html draws its explorer from."""
     written = []
     for c in cams:
-        name = results.cams_file(None if len(cams) == 1 else slug(c.method, c.layer), sel.user)
+        name = results.cams_file(None if len(cams) == 1 else slug(c), sel.user)
+        missing = np.full((len(sel.index), 32, 32), np.nan, np.float32)
         with atomic_write(out / name, "wb") as f:
             np.savez(
                 f,
+                method=METHODS[c.method].name,
+                layer=c.layer,
+                classes=np.array(classes),
                 index=sel.index.numpy().astype(np.int64),
                 true=sel.labels.numpy().astype(np.int64),
                 pred=sel.preds.numpy().astype(np.int64),
-                cam_pred=c.pred,
-                cam_true=c.true,
+                contrast_class=sel.others.numpy().astype(np.int64),
+                probs=sel.probs.numpy().astype(np.float32),
+                images=sel.images.permute(0, 2, 3, 1).numpy(),
+                **{f"cam_{t}": c.maps.get(t, missing) for t in TARGETS},
             )
         written.append(name)
     return written
+
+
+def slug(c: Cams) -> str:
+    return f"{c.method.replace('++', 'pp')}_{c.layer.replace(' ', '-')}"
 
 
 def draw(model, layers: dict, cams: list[Cams], sel: Selection, classes: list[str], path: Path) -> None:
@@ -382,47 +405,64 @@ def draw(model, layers: dict, cams: list[Cams], sel: Selection, classes: list[st
     def overlay(k: int, cam: np.ndarray) -> np.ndarray:
         return show_cam_on_image(rgb[k].astype(np.float32) / 255, cam[k], use_rgb=True)
 
-    if len(cams) == 1 and not sel.user:
+    def heading(k: int, target: str) -> str:
+        pred, other = classes[sel.preds[k]], classes[sel.others[k]]
+        true = classes[sel.labels[k]] if sel.labels[k] >= 0 else "?"
+        return {
+            "pred": f"{pred}\n(predicted)",
+            "true": f"{true}\n(true)",
+            "contrast": f"{pred}, not\n{other}",
+        }[target]
+
+    if len(cams) == 1:
         c = cams[0]
-        triplets = [
-            (
-                rgb[k],
-                overlay(k, c.pred),
-                overlay(k, c.true),
-                sel.captions[k],
-                f"CAM: {classes[sel.preds[k]]}\n(predicted)",
-                f"CAM: {classes[sel.labels[k]]}\n(true)",
-            )
+        rows = [
+            (rgb[k], sel.captions[k], [(overlay(k, m), heading(k, t)) for t, m in c.maps.items()])
             for k in range(len(rgb))
         ]
-        title = f"{NAMES[c.method]} at {c.layer} ({layer_size(model, layers[c.layer])}), {sel.what}"
-        plot_cam_grid(triplets, path, f"{title}; red = evidence for the class named")
+        where = f"{c.layer} ({map_size(model, layers[c.layer])})" if c.layer in layers else c.layer
+        plot_cam_grid(
+            rows, path, f"{METHODS[c.method].name} at {where}, {sel.what}; red = evidence for the class named"
+        )
         return
-    columns = [f"{NAMES[c.method]}\n{c.layer}" for c in cams]
-    overlays = [[overlay(k, c.pred) for c in cams] for k in range(len(rgb))]
-    title = f"CAMs for the predicted class, {sel.what}; red = evidence for it"
+    target = "pred" if "pred" in cams[0].maps else next(iter(cams[0].maps))
+    columns = [f"{METHODS[c.method].name}\n{c.layer}" for c in cams]
+    overlays = [[overlay(k, c.maps[target]) for c in cams] for k in range(len(rgb))]
+    title = f"CAMs ({target}), {sel.what}; every target of every map is in report.html"
     plot_cam_comparison(rgb, overlays, sel.captions, columns, path, title)
 
 
-def print_faithfulness(rows: list[dict], seed: int) -> None:
-    print(
-        f"\nfaithfulness: ROADCombined (percentiles {ROAD_PERCENTILES}) for the predicted class, "
-        f"{rows[0]['n']} images, seed {seed}; higher is better"
-    )
-    print(f"{'method':<10} {'layer':<16} {'ROAD':>16} {'RandomCAM':>16}")
-    for r in rows:
-        verdict = "" if r["beats_random"] else "   does not beat RandomCAM"
+def print_tables(explained: list[dict], sampled: list[dict], seed: int) -> None:
+    if explained:
         print(
-            f"{r['method']:<10} {r['layer']:<16} {r['road_mean']:>+8.4f} ± {r['road_se']:.4f} "
-            f"{r['random_mean']:>+8.4f} ± {r['random_se']:.4f}{verdict}"
+            f"\nfaithfulness on the {explained[0]['n']} explained images: ROADCombined (percentiles "
+            f"{ROAD_PERCENTILES}) for the predicted class, seed {seed}; higher is better"
         )
+        print(f"{'method':<11} {'layer':<16} {'ROAD':>16} {'RandomCAM':>16}")
+        for r in explained:
+            flag = "" if r["beats_random"] else "   does not beat RandomCAM by 2 SE"
+            print(
+                f"{r['method']:<11} {r['layer']:<16} {r['road_mean']:>+8.4f} ± {r['road_se']:.4f} "
+                f"{r['random_mean']:>+8.4f} ± {r['random_se']:.4f}{flag}"
+            )
+    if sampled:
+        print(
+            f"\nfaithfulness on {sampled[0]['n']} random test images (seed {seed}): ROAD minus RandomCAM's "
+            "on the same images, mean and 95 % interval"
+        )
+        for r in sampled:
+            print(
+                f"{r['method']:<11} {r['layer']:<16} {r['diff_mean']:>+8.4f} [{r['diff_low']:+.4f}, "
+                f"{r['diff_high']:+.4f}]  {r['verdict']}"
+            )
 
 
 @command
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     args = parse_args(argv)
-    methods = chosen_methods(args.method)
+    methods = choose_methods(args.method, DEFAULT_METHOD)
+    targets = list(dict.fromkeys(args.target or TARGETS))
     state = load_checkpoint(args.ckpt)
     out = Path(args.out) if args.out else Path(args.ckpt).parent
     refuse_if_training(out)
@@ -433,38 +473,55 @@ def main(argv: list[str] | None = None) -> int:
     accelerator = hardware.resolve_accelerator(args.accelerator)
     model = model.to(torch.device(accelerator), memory_format=torch.channels_last)
     autocast = hardware.autocast_dtype(hardware.default_precision(accelerator))
-    select = select_pictures if args.image else select_mistakes
-    sel = select(model, state, args, autocast)
+    sel = (user_pictures if args.image else test_images)(state, args, model, autocast)
+    if not sel.user and not args.index and len(sel.index) < args.n:
+        print(f"note: only {len(sel.index)} such images, fewer than --n {args.n}; showing all")
     out.mkdir(parents=True, exist_ok=True)
 
     x = normalize(sel.images, torch.tensor(state["mean"]), torch.tensor(state["std"]))
-    cams = explain(model, layers, methods, sel, x, args)
-    rows = [] if args.no_faithfulness or len(x) == 0 else faithfulness(model, layers, cams, sel, x, args)
-    written = save_arrays(cams, sel, out)
+    cams = explain(model, layers, methods, wanted_targets(sel, targets), x, args)
+    faithful = not args.no_faithfulness and "pred" in targets
+    explained = explained_faithfulness(model, layers, cams, sel, x, args.seed) if faithful and len(x) else []
+    sampled = []
+    if faithful and not sel.user and args.road_sample:
+        test = data_for(state, args.data).test
+        sampled = sampled_faithfulness(model, layers, methods, test, state, args)
+    written = save_arrays(cams, sel, state["classes"], out)
     draw(model, layers, cams, sel, state["classes"], out / results.cam_picture(sel.user))
     written.append(results.cam_picture(sel.user))
-    if rows:
-        print_faithfulness(rows, args.seed)
+    print_tables(explained, sampled, args.seed)
     if not sel.user:
-        note = (
-            f"ROADCombined, percentiles {ROAD_PERCENTILES}, predicted class, seed {args.seed}; a method "
-            "'beats RandomCAM' when its mean exceeds RandomCAM's by 2 standard errors"
+        write_explanations(
+            out / results.EXPLANATIONS, args, methods, layers, targets, sel, explained, sampled
         )
-        report = {
-            "checkpoint": str(args.ckpt),
-            "methods": [NAMES[m] for m in methods],
-            "layers": list(layers),
-            "n": len(sel.index),
-            "faithfulness": rows,
-            "note": note,
-        }
-        with atomic_write(out / results.EXPLANATIONS) as f:
-            json.dump(report, f, indent=2)
         written.append(results.EXPLANATIONS)
     write_report(out)
     written.append(results.REPORT)
     print(f"\nwrote {', '.join(str(out / w) for w in written)} in {time.perf_counter() - started:.1f}s")
     return 0
+
+
+def write_explanations(
+    path: Path, args, methods, layers, targets, sel: Selection, explained, sampled
+) -> None:
+    note = (
+        f"ROADCombined (percentiles {ROAD_PERCENTILES}) for the predicted class, seed {args.seed}. On the "
+        "explained images a method 'beats RandomCAM' when its mean exceeds RandomCAM's by 2 standard errors; "
+        "on the random sample the verdict comes from the 95 % interval of the paired differences."
+    )
+    report = {
+        "checkpoint": str(args.ckpt),
+        "methods": [METHODS[m].name for m in methods],
+        "layers": list(layers),
+        "targets": targets,
+        "images": sel.what,
+        "n": len(sel.index),
+        "faithfulness": explained,
+        "road_sample": sampled,
+        "note": note,
+    }
+    with atomic_write(path) as f:
+        json.dump(report, f, indent=2)
 
 
 if __name__ == "__main__":

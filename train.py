@@ -37,13 +37,19 @@ from tqdm import tqdm
 from common import hardware, results
 from common.atomic import atomic_write, remove_stale_temporaries
 from common.augment import EpochPlan, augment, plan_epoch
-from common.checkpoint import git_commit, library_versions, load_checkpoint, save_checkpoint
+from common.checkpoint import (
+    git_commit,
+    library_versions,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
 from common.data import (
-    CIFAR10_MEAN,
-    CIFAR10_STD,
+    DATASETS,
     Dataset,
     balanced_subset,
-    load_cifar10,
+    channel_stats,
+    load_training_splits,
     normalize,
     split_off_validation,
 )
@@ -60,10 +66,14 @@ from common.options import (
     positive_int,
 )
 from common.plots import plot_curves
+from common.predict import predict_probs
 from common.report import write_report
 
-LR_PER_512 = 0.4  # peak lr for a global batch of 512, scaled linearly with the batch
+BATCH = 512  # the default global batch on a full training set
+LR_PER_BATCH = 0.4  # the default peak lr at that batch, scaled linearly with the batch
+MIN_STEPS = 50  # optimizer steps per epoch below which the default batch is halved
 REFRESH_EVERY = 10  # steps between progress-bar refreshes, the only host syncs in an epoch
+LOGGERS = ("csv", "tensorboard", "none")
 METRIC_COLUMNS = "epoch train_loss train_acc monitor_loss monitor_acc lr epoch_s img_per_s".split()
 
 
@@ -76,8 +86,8 @@ class TrainConfig:
     `torch.load(..., weights_only=True)` reads it and `--resume` restores it."""
 
     epochs: int = 20
-    batch_size: int = 512
-    lr: float | None = None  # the peak; None: LR_PER_512 x batch_size / 512
+    batch_size: int | None = None  # None: BATCH, or smaller for a small training set (batch_for)
+    lr: float | None = None  # the peak; None: LR_PER_BATCH x batch_size / BATCH
     warmup: float = 0.25  # share of the steps over which the lr rises to the peak
     lr_start: float = 1 / 20  # the first step's lr, as a share of the peak
     lr_end: float = 1 / 4000  # the last step's lr, as a share of the peak
@@ -86,7 +96,8 @@ class TrainConfig:
     momentum: float = 0.9
     label_smoothing: float = 0.1
     cutout: int = 8
-    data: str | None = None  # None: torchvision's download
+    data: str | None = None  # None: torchvision's download of `dataset`
+    dataset: str = "cifar10"  # what torchvision downloads: cifar10 or cifar100
     subset: int | None = None
     val_split: int | None = None
     seed: int = 0
@@ -96,6 +107,7 @@ class TrainConfig:
     compile: bool | None = None  # None: on for CUDA
     dist_timeout: int = 300
     ema: float = 0.0
+    logger: str = "csv"  # live logs: csv, tensorboard or none
 
     def __post_init__(self) -> None:
         checks = [
@@ -126,14 +138,37 @@ class TrainConfig:
         if accelerator == "cpu" and precision == "16-mixed":
             raise UsageError("--precision 16-mixed needs a CUDA GPU; on the CPU use bf16-mixed or 32-true")
         compile_model = accelerator == "cuda" if self.compile is None else self.compile
-        lr = LR_PER_512 * self.batch_size / 512 if self.lr is None else self.lr
-        return replace(self, accelerator=accelerator, precision=precision, compile=compile_model, lr=lr)
+        return replace(self, accelerator=accelerator, precision=precision, compile=compile_model)
+
+    def for_data(self, n_train: int, world: int) -> tuple[TrainConfig, str]:
+        """The batch and lr the user left to us, for this training set: (config, why, in words)."""
+        batch, why = (self.batch_size, "") if self.batch_size else batch_for(n_train, world)
+        if batch % world:
+            raise UsageError(f"--batch-size {batch} must divide evenly over {world} processes")
+        lr = LR_PER_BATCH * batch / BATCH if self.lr is None else self.lr
+        if self.lr is None and batch != BATCH:
+            why += f"{'; ' if why else ''}peak lr {lr:g}, scaled with the batch ({LR_PER_BATCH:g} at {BATCH})"
+        return replace(self, batch_size=batch, lr=lr), why
+
+
+def batch_for(n_train: int, world: int) -> tuple[int, str]:
+    """BATCH, halved while an epoch would have fewer than MIN_STEPS steps (not below 16 images
+    per process): a small run still takes enough optimizer steps to learn."""
+    batch = BATCH
+    while math.ceil(n_train / batch) < MIN_STEPS and batch // 2 >= 16 * world:
+        batch //= 2
+    if batch == BATCH:
+        return batch, ""
+    return batch, (
+        f"batch {batch}, not {BATCH}, so that an epoch of {n_train:,} images has "
+        f"{math.ceil(n_train / batch)} steps (at least {MIN_STEPS} where it can)"
+    )
 
 
 CONFIG_FLAGS = {f.name for f in fields(TrainConfig)}
 # What runs written before these settings existed used: their --resume continues the same way.
-LEGACY = {"warmup": 0.25, "lr_start": 1 / 20, "lr_end": 1 / 4000, "decay_norms": True}
-RESUME_FREE = {"dist_timeout"}  # may change on --resume
+LEGACY = {"warmup": 0.25, "lr_start": 1 / 20, "lr_end": 1 / 4000, "decay_norms": True, "dataset": "cifar10"}
+RESUME_FREE = {"dist_timeout", "logger"}  # may change on --resume
 
 
 def parse_args(argv: list[str] | None) -> dict:
@@ -142,12 +177,15 @@ def parse_args(argv: list[str] | None) -> dict:
     p = Parser(prog="train.py", description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS)
     p.add_argument("--epochs", type=positive_int, help=f"epochs (default {d.epochs})")
     p.add_argument(
-        "--batch-size", type=positive_int, help=f"global batch, split over processes (default {d.batch_size})"
+        "--batch-size",
+        type=positive_int,
+        help=f"global batch, split over processes (default {BATCH}, halved while an epoch would have fewer "
+        f"than {MIN_STEPS} steps)",
     )
     p.add_argument(
         "--lr",
         type=positive_float,
-        help=f"OneCycle peak learning rate (default {LR_PER_512} x batch-size/512)",
+        help=f"peak learning rate (default {LR_PER_BATCH} x batch-size/{BATCH})",
     )
     p.add_argument(
         "--warmup",
@@ -164,7 +202,12 @@ def parse_args(argv: list[str] | None) -> dict:
     p.add_argument(
         "--cutout", type=non_negative_int, help=f"cutout square side in px, 0 = off (default {d.cutout})"
     )
-    add_data_option(p, "default: download the original CIFAR-10 into ./data", argparse.SUPPRESS)
+    add_data_option(
+        p, "default: download the original CIFAR-10 (or --dataset) into ./data", argparse.SUPPRESS
+    )
+    p.add_argument(
+        "--dataset", choices=DATASETS, help=f"what to download when --data is not given (default {d.dataset})"
+    )
     p.add_argument("--subset", type=positive_int, help="train on N training images, balanced over classes")
     p.add_argument(
         "--val-split",
@@ -203,6 +246,13 @@ def parse_args(argv: list[str] | None) -> dict:
         type=positive_int,
         help=f"seconds a rank waits for the others before giving up (default {d.dist_timeout})",
     )
+    p.add_argument(
+        "--logger",
+        choices=LOGGERS,
+        help=f"live logs in --out/{results.LOGS}/ through Fabric's loggers: the train loss and lr every "
+        f"{REFRESH_EVERY} steps and each epoch's metrics (default {d.logger}; tensorboard needs "
+        "`pip install tensorboard`)",
+    )
     p.add_argument("--resume", metavar="CKPT", help="continue from this last.pt")
     p.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
     return vars(p.parse_args(argv))
@@ -232,7 +282,21 @@ def build_config(args: dict, resumed: dict | None) -> TrainConfig:
 # --- the pieces a run is made of -------------------------------------------------------------
 
 
-def make_fabric(config: TrainConfig) -> Fabric:
+def make_loggers(name: str, out: Path) -> list:
+    """Fabric's own loggers, writing under out/logs/<name>/version_N/ (a resumed run starts
+    the next version, as Lightning does)."""
+    if name == "none":
+        return []
+    from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
+
+    try:
+        make = CSVLogger if name == "csv" else TensorBoardLogger
+        return [make(root_dir=out / results.LOGS, name=name)]
+    except ModuleNotFoundError:
+        raise UsageError("--logger tensorboard needs TensorBoard: pip install tensorboard") from None
+
+
+def make_fabric(config: TrainConfig, out: Path) -> Fabric:
     # Fabric announces its precision on stderr; the plan printed at the start says it, on stdout.
     for name in ("lightning.fabric", "lightning.pytorch"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -249,7 +313,12 @@ def make_fabric(config: TrainConfig) -> Fabric:
         num_nodes=num_nodes,
         strategy=strategy,
         precision=config.precision,
+        loggers=make_loggers(config.logger, out),
     )
+
+
+def out_folder(args: dict, resumed: dict | None) -> Path:
+    return Path(args.get("out") or (Path(args["resume"]).parent if resumed else "."))
 
 
 @contextlib.contextmanager
@@ -257,7 +326,7 @@ def results_folder(fabric: Fabric, args: dict, resumed: dict | None) -> Iterator
     """The results folder, held by this run for its duration (rank 0 holds the lock; every rank
     learns whether it could). Refused when another train.py holds it or when it holds a
     finished run; cleared on --overwrite."""
-    out = Path(args.get("out") or (Path(args["resume"]).parent if resumed else "."))
+    out = out_folder(args, resumed)
     out.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as held:
         refusal = ""
@@ -289,17 +358,20 @@ class TrainingData:
     monitor: Dataset  # scored every epoch: the test set, or the validation split
     monitor_name: str  # "test", or "val" with --val-split
     source: str  # where the data came from, in words
+    mean: list[float]  # per channel, of the training images used: the normalisation
+    std: list[float]
 
 
 def load_training_data(config: TrainConfig, device: torch.device) -> TrainingData:
-    splits = load_cifar10(config.data)
+    splits = load_training_splits(config.data, config.dataset)
     train, monitor, monitor_name = splits.train, splits.test, "test"
     if config.val_split:
         train, monitor = split_off_validation(train, config.val_split, config.seed)
         monitor_name = "val"
     if config.subset:
         train = balanced_subset(train, config.subset, config.seed)
-    return TrainingData(train.to(device), monitor.to(device), monitor_name, splits.source)
+    mean, std = channel_stats(train.images)
+    return TrainingData(train.to(device), monitor.to(device), monitor_name, splits.source, mean, std)
 
 
 def one_cycle(
@@ -393,7 +465,7 @@ def build_training(fabric: Fabric, config: TrainConfig, data: TrainingData, out:
     scheduler = one_cycle(optimizer, total_steps, config.warmup, config.lr_start, config.lr_end)
     model, optimizer = fabric.setup(torch.compile(net) if config.compile else net, optimizer)
     ema = WeightAverage(net, config.ema) if config.ema else None
-    mean, std = (torch.tensor(v, device=fabric.device) for v in (CIFAR10_MEAN, CIFAR10_STD))
+    mean, std = (torch.tensor(v, device=fabric.device) for v in (data.mean, data.std))
     return Training(
         fabric, config, net, model, optimizer, scheduler, ema, data, mean, std, steps_per_epoch, out
     )
@@ -461,8 +533,8 @@ def checkpoint(t: Training, state: RunState) -> dict:
         "rng": {"torch": torch.get_rng_state()},
         "config": asdict(t.config),
         "classes": t.data.train.classes,
-        "mean": list(CIFAR10_MEAN),
-        "std": list(CIFAR10_STD),
+        "mean": t.data.mean,
+        "std": t.data.std,
         "argv": sys.argv,
         "versions": library_versions(),
         "git_commit": git_commit(),
@@ -546,6 +618,9 @@ def run_epoch(t: Training, state: RunState, stop: StopRequest) -> EpochEnd:
     bad_step = torch.tensor(-1, device=fabric.device)
     bar = progress_bar(t, state)
     timer = StepTimer(state.partial.seconds)
+    steps_to_log: list[
+        tuple[int, torch.Tensor, float]
+    ] = []  # (step of the run, loss, lr) since the last sync
     for step in range(state.step, t.steps_per_epoch):
         lr = t.scheduler.get_last_lr()[0]  # the rate this step uses
         x, y = training_batch(t.data.train, plan.rows(step), t.mean, t.std, t.config.cutout)
@@ -554,7 +629,9 @@ def run_epoch(t: Training, state: RunState, stop: StopRequest) -> EpochEnd:
         images += plan.batch
         if t.ema:
             t.ema.update(t.net, state.epoch * t.steps_per_epoch + step)
-        bad_step.masked_fill_((bad_step < 0) & ~torch.isfinite(loss), state.epoch * t.steps_per_epoch + step)
+        run_step = state.epoch * t.steps_per_epoch + step
+        bad_step.masked_fill_((bad_step < 0) & ~torch.isfinite(loss), run_step)
+        steps_to_log += [(run_step, loss, lr)] if fabric.loggers else []
         bar.update(1)
         last = step + 1 == t.steps_per_epoch
         if (step + 1) % REFRESH_EVERY and not last and not (world == 1 and stop.signal):
@@ -564,6 +641,7 @@ def run_epoch(t: Training, state: RunState, stop: StopRequest) -> EpochEnd:
             bar.close()
             return EpochEnd(Outcome.NON_FINITE, EpochSums(), bad_step=first_bad)
         show_progress(bar, sums, images, lr, timer.lap(step + 1 - state.step, plan.batch * world))
+        log_steps(fabric, steps_to_log)
         if stop_now and not last:
             bar.close()
             return EpochEnd(
@@ -573,6 +651,15 @@ def run_epoch(t: Training, state: RunState, stop: StopRequest) -> EpochEnd:
     return EpochEnd(
         Outcome.FINISHED, reduce_sums(fabric, sums, images, timer), lr=lr, stop_requested=stop_now
     )
+
+
+def log_steps(fabric: Fabric, steps: list[tuple[int, torch.Tensor, float]]) -> None:
+    """Each step's loss (this rank's share of the batch) and lr, to Fabric's loggers; emptied."""
+    if steps:
+        losses = torch.stack([loss for _, loss, _ in steps]).tolist()  # one host sync for them all
+        for (step, _, lr), loss in zip(steps, losses):
+            fabric.log_dict({"train/loss": loss, "train/lr": lr}, step=step)
+        steps.clear()
 
 
 def reduce_sums(fabric: Fabric, sums: torch.Tensor, images: float, timer: StepTimer) -> EpochSums:
@@ -630,6 +717,10 @@ def finish_epoch(t: Training, state: RunState, end: EpochEnd) -> None:
         f"{s.seconds:6.1f}s  {row['img_per_s']:,.0f} img/s"
     )
     state.history.append(row)
+    step = (state.epoch + 1) * t.steps_per_epoch - 1
+    t.fabric.log_dict({f"epoch/{k}": v for k, v in row.items()}, step=step)
+    for logger in t.fabric.loggers:
+        logger.save()  # live: each epoch is on disk when it ends
     state.epoch, state.step, state.partial = state.epoch + 1, 0, EpochSums()
     # With a validation split, keep its best epoch; without, the test set must not choose.
     # best.pt goes first: a kill between the two writes replays this epoch.
@@ -681,6 +772,58 @@ def run(t: Training, state: RunState) -> Outcome:
             flush=True,
         )
         return Outcome.LOST_PEER
+    finally:
+        for logger in t.fabric.loggers:
+            logger.finalize("success")  # what is buffered goes to disk, however the run ends
+
+
+# --- after training: a temperature for calibrated confidences ---------------------------------
+
+
+def fit_temperature(log_probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """The temperature T that minimises the held-out cross-entropy of softmax(logits / T)
+    (temperature scaling, Guo et al. 2017); log-probabilities serve as logits."""
+    log_t = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(log_probs / log_t.exp(), labels)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return float(log_t.detach().exp())
+
+
+def calibrate(t: Training) -> dict | None:
+    """Fit a temperature on the validation images for best.pt's weights and store it there
+    (rank 0; the others wait). Returns what it did, for the summary."""
+    found = None
+    if t.fabric.is_global_zero:
+        best = load_checkpoint(t.out / results.BEST)
+        model = model_from_checkpoint(best).to(t.fabric.device, memory_format=torch.channels_last)
+        val = t.data.monitor
+        autocast = hardware.autocast_dtype(t.config.precision)
+        mean, std = torch.tensor(t.data.mean), torch.tensor(t.data.std)
+        log_probs = (
+            predict_probs(model, val.images, mean, std, autocast=autocast).plain.clamp_min(1e-12).log()
+        )
+        labels = val.labels.cpu()
+        temperature = fit_temperature(log_probs, labels)
+        best["temperature"] = temperature
+        save_checkpoint(best, t.out / results.BEST)
+        before, after = (F.cross_entropy(log_probs / T, labels).item() for T in (1.0, temperature))
+        found = {
+            "temperature": temperature,
+            "images": len(labels),
+            "val_loss_before": before,
+            "val_loss_after": after,
+        }
+        print(f"calibration temperature {temperature:.3f}, fitted on the {len(labels):,} validation images "
+              f"(their loss {before:.4f} -> {after:.4f}); stored in {t.out / results.BEST}")  # fmt: skip
+    t.fabric.barrier()
+    return found
 
 
 # --- what the user sees ----------------------------------------------------------------------
@@ -748,7 +891,9 @@ def say_interrupted(t: Training, where: str) -> None:
     t.fabric.print(f"\ninterrupted: saved {last} {where}; continue with: python train.py --resume {last}")
 
 
-def print_plan(t: Training, state: RunState, explicit: set[str], resumed_from: str | None) -> None:
+def print_plan(
+    t: Training, state: RunState, explicit: set[str], resumed_from: str | None, chosen: str
+) -> None:
     c, d, p = t.config, t.data, t.fabric.print
     p(
         f"data      {d.source}: train {len(d.train):,} images{' (balanced subset)' if c.subset else ''}, "
@@ -770,6 +915,8 @@ def print_plan(t: Training, state: RunState, explicit: set[str], resumed_from: s
         f"cutout {c.cutout}px{f', EMA of the weights {c.ema}' if c.ema else ''}"
     )
     p("model     CIFAR ResNet-18, parameters per module:\n" + "\n".join(summary_lines(t.net)))
+    if chosen:
+        p(f"chosen    {chosen}")
     if c.epochs * t.steps_per_epoch < 100:
         p(
             f"note      only {c.epochs * t.steps_per_epoch} optimizer steps: too few for the warm-up and "
@@ -823,8 +970,8 @@ def summarise(t: Training, state: RunState, total_s: float) -> dict:
     }
 
 
-def write_summary(t: Training, state: RunState, total_s: float) -> None:
-    summary = summarise(t, state, total_s)  # on every rank: it compares their weights
+def write_summary(t: Training, state: RunState, calibration: dict | None, total_s: float) -> None:
+    summary = {**summarise(t, state, total_s), "calibration": calibration}  # every rank: it compares weights
     if t.fabric.is_global_zero:
         with atomic_write(t.out / results.SUMMARY) as f:
             json.dump(summary, f, indent=2)
@@ -870,20 +1017,18 @@ def main(argv: list[str] | None = None) -> int:
     config = build_config(args, resumed).for_device()
 
     hardware.prepare_backend()
-    fabric = make_fabric(config)
+    fabric = make_fabric(config, out_folder(args, resumed))
     fabric.launch()
-    if config.batch_size % fabric.world_size:
-        raise UsageError(
-            f"--batch-size {config.batch_size} must divide evenly over {fabric.world_size} processes"
-        )
     with results_folder(fabric, args, resumed) as out:
         data = load_training_data(config, fabric.device)
+        config, chosen = config.for_data(len(data.train), fabric.world_size)
         t = build_training(fabric, config, data, out)
         state = restore(t, resumed) if resumed else RunState()
-        print_plan(t, state, set(args), resumed and args["resume"])
+        print_plan(t, state, set(args), resumed and args["resume"], chosen)
         outcome = run(t, state)
         if outcome is Outcome.FINISHED:
-            write_summary(t, state, time.perf_counter() - started)
+            calibration = calibrate(t) if config.val_split else None
+            write_summary(t, state, calibration, time.perf_counter() - started)
     return EXIT_CODES[outcome]
 
 

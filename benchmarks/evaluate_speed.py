@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import evaluate  # noqa: E402
 from common import hardware  # noqa: E402
 from common.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint  # noqa: E402
-from common.data import CIFAR10_MEAN, CIFAR10_STD, load_cifar10  # noqa: E402
+from common.data import CIFAR10_MEAN, CIFAR10_STD, load_splits  # noqa: E402
 from common.model import build_model  # noqa: E402
 from common.predict import predict_probs  # noqa: E402
 
@@ -38,7 +38,7 @@ def main() -> None:
     args = p.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="evaluate-speed-"))
-    splits = load_cifar10(args.data)  # decode once: both timings below read the cache
+    splits = load_splits(args.data)  # decode once: both timings below read the cache
     ckpt = args.ckpt
     if ckpt is None:
         ckpt = work / "fresh.pt"

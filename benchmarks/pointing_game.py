@@ -27,14 +27,15 @@ sys.path.insert(0, str(ROOT))
 
 from common import results  # noqa: E402
 from common.atomic import atomic_write  # noqa: E402
+from common.cams import METHODS, choose_methods, class_targets, compute_cams, find_layers  # noqa: E402
 from common.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
-from common.data import load_cifar10, normalize, write_image_folder  # noqa: E402
+from common.data import load_splits, normalize, write_image_folder  # noqa: E402
 from common.report import write_report  # noqa: E402
-from explain import METHODS, NAMES, chosen_methods, compute_cams, find_layers  # noqa: E402
 
 COLOURS = {"blue": (40, 60, 230), "green": (40, 200, 60), "red": (230, 40, 40), "yellow": (230, 220, 40)}
 OBJECT = 6  # px
 TOLERANCE = 1  # px around the square, for the upsampling of coarse maps
+CHANCE = (OBJECT + 2 * TOLERANCE) ** 2 / 32**2  # a peak at a random place hits
 
 
 def object_images(n_per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -104,6 +105,29 @@ def hit_rate(cams: np.ndarray, corners: np.ndarray) -> int:
     return int(hits)
 
 
+def play(model, x, labels, corners, specs: list[str], methods: list[str], smoothing: list[str]) -> list[dict]:
+    """One row per method and layer (and smoothing option): how often the peak hits."""
+    runs = [
+        (name, spec, "") for spec in specs for name in methods if METHODS[name].uses_layer or spec == specs[0]
+    ]
+    runs += [("gradcam", spec, option) for spec in specs for option in smoothing]
+    rows = []
+    for name, spec, option in runs:
+        method = METHODS[name]
+        # ScoreCAM runs one forward pass per channel and image: fewer images keep it minutes.
+        n = min(len(x), 8 if name == "scorecam" else len(x))
+        smooth = (option == "aug_smooth", option == "eigen_smooth")
+        layers = find_layers(model, spec)
+        cams = compute_cams(model, method, layers, x[:n], class_targets(labels[:n]), smooth, f"{name} {spec}")
+        hits = hit_rate(cams, corners[:n])
+        label = f"{method.name} + {option}" if option else method.name
+        layer = spec if method.uses_layer else "(every bias)"
+        rows.append(
+            {"method": label, "layer": layer, "hits": hits, "n": n, "rate": hits / n, "chance": CHANCE}
+        )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="2 methods, 2 layers, 240 images: under a minute")
@@ -112,55 +136,38 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="selfcheck", help="output folder (default selfcheck/)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    methods = chosen_methods(args.method) if args.method else list(METHODS)
+    methods = choose_methods(args.method, "gradcam") if args.method else list(METHODS)
     if args.quick and not args.method:
         methods = ["gradcam", "layercam"]
     default_layers = ["layer3", "layer4"] if args.quick else ["layer2", "layer3", "layer4", "layer3+layer4"]
     n_train, n_test, epochs = (60, 10, 5) if args.quick else (300, 25, 6)
+    smoothing = [] if args.quick else ["aug_smooth", "eigen_smooth"]
     out = Path(args.out)
 
     data, corners = train_on_objects(out, n_train, n_test, epochs, args.seed)
     state = load_checkpoint(out / "run" / results.BEST)
     model = model_from_checkpoint(state)
-    test = load_cifar10(str(data)).test
+    test = load_splits(str(data)).test
     assert len(test) == len(corners), "the test images are this run's own"
     x = normalize(test.images, torch.tensor(state["mean"]), torch.tensor(state["std"]))
     with torch.no_grad():
         accuracy = (model(x).argmax(1) == test.labels).float().mean().item()
-    chance = (OBJECT + 2 * TOLERANCE) ** 2 / 32**2
-    rows = []
-    for spec in args.layer or default_layers:
-        for method in methods:
-            # ScoreCAM runs one forward pass per channel and image: fewer images keep it minutes.
-            n = min(len(x), 8 if method == "scorecam" else len(x))
-            cams = compute_cams(
-                model, method, find_layers(model, spec), x[:n], test.labels[:n], desc=f"{method} {spec}"
-            )
-            hits = hit_rate(cams, corners[:n])
-            rows.append(
-                {
-                    "method": NAMES[method],
-                    "layer": spec,
-                    "hits": hits,
-                    "n": n,
-                    "rate": hits / n,
-                    "chance": chance,
-                }
-            )
+    rows = play(model, x, test.labels, corners, args.layer or default_layers, methods, smoothing)
     rows.sort(key=lambda r: -r["rate"])
 
     print(f"\nmodel accuracy on the {len(x)} synthetic test images: {100 * accuracy:.1f}%")
-    print(f"pointing game: the CAM's peak falls on the object (+{TOLERANCE} px); chance {100 * chance:.1f}%")
-    print(f"{'method':<10} {'layer':<16} {'hits':>9} {'rate':>7}")
+    print(f"pointing game: the CAM's peak falls on the object (+{TOLERANCE} px); chance {100 * CHANCE:.1f}%")
+    width = max(len(r["method"]) for r in rows)
+    print(f"{'method':<{width}} {'layer':<14} {'hits':>9} {'rate':>7}")
     for r in rows:
-        print(f"{r['method']:<10} {r['layer']:<16} {r['hits']:>4}/{r['n']:<4} {100 * r['rate']:>6.1f}%")
+        print(f"{r['method']:<{width}} {r['layer']:<14} {r['hits']:>4}/{r['n']:<4} {100 * r['rate']:>6.1f}%")
     note = (
         f"{len(COLOURS)} classes decided by a {OBJECT}x{OBJECT} square on a random background; "
         f"{epochs} epochs on {n_train * len(COLOURS)} images; CAM for the true class; "
         f"hit = peak within {TOLERANCE} px of the square"
     )
     with atomic_write(out / results.SELFCHECK) as f:
-        json.dump({"rows": rows, "model_accuracy": accuracy, "chance": chance, "note": note}, f, indent=2)
+        json.dump({"rows": rows, "model_accuracy": accuracy, "chance": CHANCE, "note": note}, f, indent=2)
     write_report(out)
     print(f"\nwrote {out / results.SELFCHECK} and {out / results.REPORT}")
     return 0

@@ -61,7 +61,7 @@ def main() -> None:
     config = replace(config, batch_size=batch, lr=0.01)
     accelerator, precision, compile_model = config.accelerator, config.precision, config.compile
 
-    fabric = train.make_fabric(config)
+    fabric = train.make_fabric(replace(config, logger="none"), Path("."))
     fabric.launch()
     device = fabric.device
     torch.manual_seed(0)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from common.atomic import atomic_write
-from common.data import Splits, load_cifar10
+from common.data import Splits, load_splits
 from common.model import ResNet18, build_model, strip_wrapper_prefixes
 
 REQUIRED_KEYS = ("model", "classes", "mean", "std", "config")
@@ -83,13 +83,17 @@ def model_from_checkpoint(state: dict[str, Any], weights: str = "scored") -> Res
 
 
 def data_for(state: dict[str, Any], override: str | None) -> Splits:
-    """The data a checkpoint was trained on (or `override`, e.g. --data), refusing data whose
-    class names differ: the checkpoint's outputs mean its class names."""
-    splits = load_cifar10(override if override is not None else state["config"].get("data"))
+    """The data a checkpoint was trained on (or `override`, e.g. --data, which may be a test
+    set only), refusing data whose class names differ: the checkpoint's outputs mean its
+    class names."""
+    config = state["config"]
+    splits = load_splits(
+        override if override is not None else config.get("data"), config.get("dataset", "cifar10")
+    )
     if list(state["classes"]) != list(splits.test.classes):
         raise CheckpointError(
-            f"the checkpoint's classes {list(state['classes'])} differ from the "
-            f"data's {list(splits.test.classes)} ({splits.source})"
+            f"the checkpoint's classes {list(state['classes'])} differ from the data's "
+            f"{list(splits.test.classes)} ({splits.source})"
         )
     return splits
 

@@ -1,14 +1,19 @@
-"""One loader for every CIFAR-10 source.
+"""One loader for every CIFAR source.
 
 Every source becomes the same `Dataset`: uint8 images (N,3,32,32), int64 labels and the
 class names, in a fixed order. Sources, by what `--data` points at:
 
-- nothing: torchvision's CIFAR-10 download into ./data (the original dataset);
-- a CIFAR-10 python root (`cifar-10-batches-py`, or a folder holding it), read from the
-  documented pickle format so that small hand-made batches work too;
-- an image folder with `train/<class>/` and `test/<class>/` (one wrapper folder above is
-  allowed), read in ImageFolder order: classes sorted, files sorted;
-- a `.tar.gz` of such a folder, unpacked once into the cache.
+- nothing: torchvision's download of CIFAR-10 (or CIFAR-100, `--dataset cifar100`) into ./data;
+- a CIFAR-10 python root (`cifar-10-batches-py`) or a CIFAR-100 one (`cifar-100-python`, fine
+  labels), or a folder holding one, read from the documented pickle format so that small
+  hand-made batches work too;
+- an image folder with `train/<class>/` and `test/<class>/`, any number of classes, read in
+  ImageFolder order: classes sorted, files sorted;
+- a test set only (evaluate.py and explain.py): a folder with `test/<class>/` alone, or a
+  folder of class folders (the layout of CIFAR-10.1 or of a CIFAR-10-C corruption exported as
+  images);
+- a `.tar.gz` of any of these, unpacked once into the cache. One wrapper folder above an
+  image-folder layout is allowed.
 
 Decoded tensors are cached under `$XDG_CACHE_HOME/cifar-cam/` so the second start is fast.
 Bad data raises `DataError` with one line for the user.
@@ -28,9 +33,11 @@ import torch
 
 from common.atomic import atomic_write
 
-# Per-channel statistics of the CIFAR-10 training set; stored in every checkpoint.
+# Per-channel statistics of the CIFAR-10 training set (train.py computes them from the set it
+# trains on and stores them in the checkpoint; the benchmarks use these).
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+DATASETS = ("cifar10", "cifar100")  # what torchvision downloads
 DEFAULT_DOWNLOAD_ROOT = "./data"
 CACHE_FORMAT = 1  # bump when the cached tensors' layout changes
 
@@ -57,9 +64,22 @@ class Dataset:
 
 @dataclass
 class Splits:
-    train: Dataset
+    train: Dataset | None  # None for a test set only
     test: Dataset
     source: str  # what the data came from, in words
+
+
+def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation of uint8 images (N,3,H,W), in [0,1] units."""
+    total = torch.zeros(3, dtype=torch.float64)
+    squares = torch.zeros(3, dtype=torch.float64)
+    for start in range(0, len(images), chunk):
+        x = images[start : start + chunk].to("cpu", torch.float64) / 255
+        total += x.sum(dim=(0, 2, 3))
+        squares += (x * x).sum(dim=(0, 2, 3))
+    count = max(1, images.numel() // 3)
+    mean = total / count
+    return mean.tolist(), (squares / count - mean * mean).clamp_min(1e-12).sqrt().tolist()
 
 
 def cache_root() -> Path:
@@ -67,10 +87,11 @@ def cache_root() -> Path:
     return Path(base) / "cifar-cam"
 
 
-def load_cifar10(data: str | None) -> Splits:
-    """Load train and test splits from `data` (see the module docstring)."""
+def load_splits(data: str | None, dataset: str = "cifar10") -> Splits:
+    """Train and test splits from `data` (see the module docstring), or the download of
+    `dataset` when `data` is None. The train split is None for a test set only."""
     if data is None:
-        return _load_download(DEFAULT_DOWNLOAD_ROOT)
+        return _load_download(DEFAULT_DOWNLOAD_ROOT, dataset)
     path = Path(data).expanduser()
     if not path.exists():
         raise DataError(f"data path not found: {data}")
@@ -78,12 +99,48 @@ def load_cifar10(data: str | None) -> Splits:
     if path.is_file():
         if not path.name.endswith((".tar.gz", ".tgz")):
             raise DataError(f"{data} is a file but not a .tar.gz of an image folder")
-        folder = _unpack_once(path)
-        return load_cifar10(str(folder))
-    pickle_root = _find_pickle_root(path)
-    if pickle_root is not None:
-        return _cached(_fingerprint(pickle_root), _load_pickle_batches, pickle_root)
-    return _cached(_fingerprint(_find_image_root(path)), _load_image_folder, _find_image_root(path))
+        return load_splits(str(_unpack_once(path)))
+    loader, root = _layout(path)
+    return _cached(_fingerprint(root), loader, root)
+
+
+def load_training_splits(data: str | None, dataset: str = "cifar10") -> Splits:
+    """load_splits(), refusing a test set only: training needs a train split."""
+    splits = load_splits(data, dataset)
+    if splits.train is None:
+        raise DataError(
+            f"{data} holds a test set only ({splits.source}): evaluate.py and explain.py can use it "
+            "with --data, train.py needs train/ and test/ folders"
+        )
+    return splits
+
+
+def _layout(path: Path):
+    """(the loader, the folder it reads) for what `path` holds."""
+    for candidate in (path, path / "cifar-10-batches-py"):
+        if (candidate / "batches.meta").is_file() or (candidate / "test_batch").is_file():
+            return _load_splits_batches, candidate
+    for candidate in (path, path / "cifar-100-python"):
+        if (candidate / "meta").is_file() and (candidate / "test").is_file():
+            return _load_splits0_batches, candidate
+    subdirs = [d for d in path.iterdir() if d.is_dir()]
+    for root in [path, *subdirs[:1]] if len(subdirs) == 1 else [path]:  # one wrapper folder allowed
+        if (root / "train").is_dir() and (root / "test").is_dir():
+            return _load_image_folder, root
+        if (root / "test").is_dir():
+            return _load_test_folder, root
+        if _holds_class_folders(root):
+            return _load_class_folders, root
+    raise DataError(
+        f"{path} has no train/ and test/ folders, no test/ folder and no class folders "
+        "(nor a CIFAR python batch)"
+    )
+
+
+def _holds_class_folders(root: Path) -> bool:
+    """Folders, each holding image files: a test set laid out by class."""
+    subdirs = [d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")]
+    return bool(subdirs) and all(any(p.is_file() for p in d.iterdir()) for d in subdirs)
 
 
 def _cached(key: tuple, loader, root) -> Splits:
@@ -93,20 +150,22 @@ def _cached(key: tuple, loader, root) -> Splits:
     if cache_file.exists():
         try:
             blob = torch.load(cache_file, weights_only=True)
-            return Splits(
-                Dataset(blob["train_x"], blob["train_y"], blob["classes"]),
-                Dataset(blob["test_x"], blob["test_y"], blob["classes"]),
-                blob["source"],
+            train = (
+                None
+                if blob["train_x"] is None
+                else Dataset(blob["train_x"], blob["train_y"], blob["classes"])
             )
+            return Splits(train, Dataset(blob["test_x"], blob["test_y"], blob["classes"]), blob["source"])
         except Exception:
             pass  # a damaged cache file is rebuilt below
     splits = loader(root)
+    train = splits.train
     blob = {
-        "train_x": splits.train.images,
-        "train_y": splits.train.labels,
+        "train_x": None if train is None else train.images,
+        "train_y": None if train is None else train.labels,
         "test_x": splits.test.images,
         "test_y": splits.test.labels,
-        "classes": splits.train.classes,
+        "classes": splits.test.classes,
         "source": splits.source,
     }
     try:
@@ -132,93 +191,92 @@ def _fingerprint(root: Path) -> tuple:
 # --- torchvision download -------------------------------------------------------------
 
 
-def _load_download(root: str) -> Splits:
+def _load_download(root: str, dataset: str) -> Splits:
     import fcntl
 
-    from torchvision.datasets import CIFAR10
+    from torchvision.datasets import CIFAR10, CIFAR100
 
+    name = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}[dataset]
     try:
         os.makedirs(root, exist_ok=True)
         # One download per machine: torchrun's ranks wait here for the first one.
         with open(os.path.join(root, ".download.lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            train = CIFAR10(root, train=True, download=True)
-            test = CIFAR10(root, train=False, download=True)
+            make = CIFAR10 if dataset == "cifar10" else CIFAR100
+            train, test = make(root, train=True, download=True), make(root, train=False, download=True)
     except Exception as err:  # offline, DNS failure, bad checksum...
         reason = str(err).splitlines()[0][:100] if str(err) else type(err).__name__
         raise DataError(
-            "could not download CIFAR-10; pass --data PATH to a cifar-10-batches-py folder, an "
-            f"image folder or a .tar.gz of one (download into {root} failed: {reason})"
+            f"could not download {name}; pass --data PATH to a cifar-10-batches-py or cifar-100-python "
+            f"folder, an image folder or a .tar.gz of one (download into {root} failed: {reason})"
         ) from None
 
     def to_dataset(ds) -> Dataset:
         images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
         return Dataset(images, torch.tensor(ds.targets, dtype=torch.int64), list(ds.classes))
 
-    return Splits(to_dataset(train), to_dataset(test), f"torchvision CIFAR10 ({root})")
+    return Splits(to_dataset(train), to_dataset(test), f"torchvision {name} ({root})")
 
 
-# --- CIFAR-10 python batches ----------------------------------------------------------
-
-
-def _find_pickle_root(path: Path) -> Path | None:
-    for candidate in (path, path / "cifar-10-batches-py"):
-        if (candidate / "batches.meta").is_file() or (candidate / "test_batch").is_file():
-            return candidate
-    return None
+# --- CIFAR python batches (the documented pickle format) -------------------------------
 
 
 def _unpickle(path: Path) -> dict:
     if not path.is_file():
-        raise DataError(f"missing CIFAR-10 batch file: {path}")
+        raise DataError(f"missing CIFAR batch file: {path}")
     try:
         with open(path, "rb") as f:
             return pickle.load(f, encoding="bytes")
     except Exception:
-        raise DataError(f"not a CIFAR-10 python batch: {path}") from None
+        raise DataError(f"not a CIFAR python batch: {path}") from None
 
 
-def _load_pickle_batches(root: Path) -> Splits:
-    """Read the documented format: dicts with b'data' (N,3072 uint8) and b'labels'."""
-    meta = _unpickle(root / "batches.meta")
-    if not isinstance(meta, dict) or b"label_names" not in meta:
-        raise DataError(f"{root / 'batches.meta'} has no label_names")
-    classes = [c.decode() if isinstance(c, bytes) else str(c) for c in meta[b"label_names"]]
+def _class_names(meta_file: Path, key: bytes) -> list[str]:
+    meta = _unpickle(meta_file)
+    if not isinstance(meta, dict) or key not in meta:
+        raise DataError(f"{meta_file} has no {key.decode()}")
+    return [c.decode() if isinstance(c, bytes) else str(c) for c in meta[key]]
+
+
+def _read_batches(files: list[Path], label_key: bytes, classes: list[str]) -> Dataset:
+    """Dicts with b'data' (N,3072 uint8) and labels under `label_key`."""
+    xs, ys = [], []
+    for f in files:
+        batch = _unpickle(f)
+        if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
+            raise DataError(f"{f} is not a CIFAR python batch (no data/{label_key.decode()})")
+        data = np.asarray(batch[b"data"], dtype=np.uint8)
+        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+            raise DataError(f"{f}: images are not 3x32x32")
+        if len(batch[label_key]) != len(data):
+            raise DataError(f"{f}: {len(data)} images but {len(batch[label_key])} labels")
+        xs.append(data.reshape(-1, 3, 32, 32))
+        ys.extend(int(y) for y in batch[label_key])
+    labels = torch.tensor(ys, dtype=torch.int64)
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
+        raise DataError(f"labels outside 0..{len(classes) - 1} in {files[0].parent}")
+    return Dataset(torch.from_numpy(np.concatenate(xs)), labels, classes)
+
+
+def _load_splits_batches(root: Path) -> Splits:
+    classes = _class_names(root / "batches.meta", b"label_names")
     train_files = sorted(root.glob("data_batch_*"))
     if not train_files:
         raise DataError(f"no data_batch_* files in {root}")
+    train = _read_batches(train_files, b"labels", classes)
+    test = _read_batches([root / "test_batch"], b"labels", classes)
+    return Splits(train, test, f"CIFAR-10 python batches ({root})")
 
-    def read(files: list[Path]) -> Dataset:
-        xs, ys = [], []
-        for f in files:
-            batch = _unpickle(f)
-            if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
-                raise DataError(f"{f} is not a CIFAR-10 python batch (no data/labels)")
-            data = np.asarray(batch[b"data"], dtype=np.uint8)
-            if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-                raise DataError(f"{f}: images are not 3x32x32")
-            if len(batch[b"labels"]) != len(data):
-                raise DataError(f"{f}: {len(data)} images but {len(batch[b'labels'])} labels")
-            xs.append(data.reshape(-1, 3, 32, 32))
-            ys.extend(int(y) for y in batch[b"labels"])
-        labels = torch.tensor(ys, dtype=torch.int64)
-        if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
-            raise DataError(f"labels outside 0..{len(classes) - 1} in {files[0].parent}")
-        return Dataset(torch.from_numpy(np.concatenate(xs)), labels, classes)
 
-    return Splits(read(train_files), read([root / "test_batch"]), f"CIFAR-10 python batches ({root})")
+def _load_splits0_batches(root: Path) -> Splits:
+    """CIFAR-100 with its 100 fine labels."""
+    classes = _class_names(root / "meta", b"fine_label_names")
+    train = _read_batches([root / "train"], b"fine_labels", classes)
+    test = _read_batches([root / "test"], b"fine_labels", classes)
+    return Splits(train, test, f"CIFAR-100 python batches ({root})")
 
 
 # --- image folders --------------------------------------------------------------------
-
-
-def _find_image_root(path: Path) -> Path:
-    if (path / "train").is_dir() and (path / "test").is_dir():
-        return path
-    subdirs = [d for d in path.iterdir() if d.is_dir()]
-    if len(subdirs) == 1 and (subdirs[0] / "train").is_dir() and (subdirs[0] / "test").is_dir():
-        return subdirs[0]
-    raise DataError(f"{path} has no train/ and test/ folders (nor a CIFAR-10 python batch)")
 
 
 def _class_folders(split_dir: Path) -> list[str]:
@@ -242,6 +300,18 @@ def _load_image_folder(root: Path) -> Splits:
         _read_split(root / "test", train_classes),
         f"image folder ({root})",
     )
+
+
+def _load_test_folder(root: Path) -> Splits:
+    """A folder with test/<class>/ only."""
+    return Splits(
+        None, _read_split(root / "test", _class_folders(root / "test")), f"test set, image folder ({root})"
+    )
+
+
+def _load_class_folders(root: Path) -> Splits:
+    """A folder of class folders: a test set."""
+    return Splits(None, _read_split(root, _class_folders(root)), f"test set, class folders ({root})")
 
 
 def _read_split(split_dir: Path, classes: list[str]) -> Dataset:

@@ -40,14 +40,22 @@ def positive_float(text: str) -> float:
     return value
 
 
-def add_data_option(parser: argparse.ArgumentParser, help_default: str, default=None) -> None:
+def add_data_option(
+    parser: argparse.ArgumentParser, help_default: str, default=None, test_only: bool = False
+) -> None:
+    sets = (
+        "; or a test set alone: a folder with test/<class>/ only, or a folder of class folders "
+        "(CIFAR-10.1, CIFAR-10-C exported as images), or a .tar.gz of one"
+        if test_only
+        else ""
+    )
     parser.add_argument(
         "--data",
         default=default,
         metavar="PATH",
         help=(
-            "CIFAR-10 source: a cifar-10-batches-py folder, an image folder with train/<class>/ "
-            f"and test/<class>/, or a .tar.gz of one; {help_default}"
+            "CIFAR source: a cifar-10-batches-py or cifar-100-python folder, an image folder with "
+            f"train/<class>/ and test/<class>/, or a .tar.gz of one{sets}; {help_default}"
         ),
     )
 

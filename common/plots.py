@@ -80,80 +80,75 @@ def plot_gallery(
 
 
 def plot_cam_grid(
-    rows: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, str, str, str]],
+    rows: Sequence[tuple[np.ndarray, str, Sequence[tuple[np.ndarray, str]]]],
     path: str | os.PathLike,
     title: str,
     per_row: int = 4,
 ) -> None:
-    """Triplets of pictures: the image, its CAM for the predicted class, for the true class.
+    """Groups of pictures: an image, then its CAM overlays (one per target).
 
-    rows: (image HWC uint8, overlay for predicted, overlay for true, caption x3), laid out
-    `per_row` triplets across with a gap between triplets.
+    rows: (image HWC uint8, caption, [(overlay, heading), ...]), laid out `per_row` groups
+    across with a gap between groups.
     """
     n = max(1, len(rows))
-    per_row = min(per_row, n)
+    width = 1 + max((len(maps) for _, _, maps in rows), default=2)
+    per_row = max(1, min(per_row, n, 12 // width))
     grid_rows = math.ceil(n / per_row)
-    # Three picture columns per triplet plus a narrow spacer between triplets.
-    ratios = ([1, 1, 1, 0.25] * per_row)[:-1]
+    # The pictures of a group plus a narrow spacer between groups.
+    ratios = ([1] * width + [0.25]) * per_row
+    ratios = ratios[:-1]
     fig = plt.figure(figsize=(sum(ratios) * 1.45, grid_rows * 1.75 + 0.6))
     grid = fig.add_gridspec(grid_rows, len(ratios), width_ratios=ratios, wspace=0.05, hspace=0.55)
-    for k, (image, over_pred, over_true, cap_img, cap_pred, cap_true) in enumerate(rows):
+    for k, (image, caption, maps) in enumerate(rows):
         r, c = divmod(k, per_row)
-        for j, (picture, caption) in enumerate(
-            zip((image, over_pred, over_true), (cap_img, cap_pred, cap_true))
-        ):
-            ax = fig.add_subplot(grid[r, 4 * c + j])
+        for j, (picture, heading) in enumerate([(image, caption), *maps]):
+            ax = fig.add_subplot(grid[r, (width + 1) * c + j])
             ax.imshow(picture, interpolation="nearest")
-            ax.set_title(caption, fontsize=7)
+            ax.set_title(heading, fontsize=7)
             ax.axis("off")
     if not rows:
         ax = fig.add_subplot(grid[0, 0])
-        ax.text(0.5, 0.5, "no misclassified images", ha="center", va="center")
+        ax.text(0.5, 0.5, "no images", ha="center", va="center")
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
     _save(fig, path)
 
 
 def plot_reliability(
-    confidence: torch.Tensor, correct: torch.Tensor, path: str | os.PathLike, ece: float, bins: int = 15
+    panels: Sequence[tuple[str, torch.Tensor, torch.Tensor, float]], path: str | os.PathLike, bins: int = 15
 ) -> None:
-    """Reliability diagram: accuracy against confidence in equal-width bins, with the share
-    of images per bin underneath. A calibrated model sits on the diagonal."""
+    """Reliability diagrams: accuracy against confidence in equal-width bins, with the share of
+    images per bin underneath. A calibrated model sits on the diagonal.
+
+    panels: (title, confidence, correct, ece), side by side (e.g. before and after calibration).
+    """
     edges = torch.linspace(0, 1, bins + 1)
-    which = torch.bucketize(confidence.clamp(1e-6, 1), edges[1:-1], right=False)
-    counts = torch.bincount(which, minlength=bins).float()
-    hits = torch.bincount(which, weights=correct.float(), minlength=bins)
-    conf_sum = torch.bincount(which, weights=confidence.float(), minlength=bins)
-    filled = counts > 0
-    accuracy = torch.where(filled, hits / counts.clamp_min(1), torch.nan)
-    mean_conf = torch.where(filled, conf_sum / counts.clamp_min(1), torch.nan)
-    centres = (edges[:-1] + edges[1:]) / 2
-    width = 1 / bins
-    fig, (ax, ax_n) = plt.subplots(
-        2, 1, figsize=(5.5, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
-    )
-    ax.bar(centres, accuracy.nan_to_num(0), width=width * 0.95, color="tab:blue", label="accuracy")
-    ax.plot(
-        centres[filled],
-        mean_conf[filled],
-        "_",
-        color="tab:red",
-        markersize=14,
-        mew=2.5,
-        label="mean confidence in bin",
-    )
-    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
-    ax.set(
-        ylabel="accuracy in bin",
-        xlim=(0, 1),
-        ylim=(0, 1),
-        title=f"Reliability diagram: ECE {100 * ece:.2f}% ({bins} bins)",
-    )
-    ax.legend(loc="upper left", fontsize=8)
-    ax.grid(alpha=0.3)
-    ax_n.bar(centres, counts / counts.sum(), width=width * 0.95, color="tab:gray")
-    ax_n.set(xlabel="confidence (max softmax probability)", ylabel="share of images")
-    ax_n.grid(alpha=0.3)
+    centres, width = (edges[:-1] + edges[1:]) / 2, 1 / bins
+    fig, axes = plt.subplots(2, len(panels), figsize=(5.5 * len(panels), 6.5), sharex=True, squeeze=False,
+                             gridspec_kw={"height_ratios": [3, 1]})  # fmt: skip
+    for (title, confidence, correct, ece), ax, ax_n in zip(panels, axes[0], axes[1]):
+        which = torch.bucketize(confidence.clamp(1e-6, 1), edges[1:-1], right=False)
+        counts = torch.bincount(which, minlength=bins).float()
+        hits = torch.bincount(which, weights=correct.float(), minlength=bins)
+        conf_sum = torch.bincount(which, weights=confidence.float(), minlength=bins)
+        filled = counts > 0
+        accuracy = torch.where(filled, hits / counts.clamp_min(1), torch.nan)
+        mean_conf = torch.where(filled, conf_sum / counts.clamp_min(1), torch.nan)
+        ax.bar(centres, accuracy.nan_to_num(0), width=width * 0.95, color="tab:blue", label="accuracy")
+        ax.plot(centres[filled], mean_conf[filled], "_", color="tab:red", markersize=14, mew=2.5,
+                label="mean confidence in bin")  # fmt: skip
+        ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+        ax.set(
+            ylabel="accuracy in bin",
+            xlim=(0, 1),
+            ylim=(0, 1),
+            title=f"{title}: ECE {100 * ece:.2f}% ({bins} bins)",
+        )
+        ax.legend(loc="upper left", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax_n.bar(centres, counts / counts.sum().clamp_min(1), width=width * 0.95, color="tab:gray")
+        ax_n.set(xlabel="confidence (max softmax probability)", ylabel="share of images")
+        ax_n.grid(alpha=0.3)
     fig.tight_layout()
     _save(fig, path)
 

@@ -20,6 +20,11 @@ class Predictions:
     flip_translate: torch.Tensor | None = None  # and both shifted by one pixel up-left and down-right
 
 
+def with_temperature(probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """softmax(logits / T), from softmax(logits): the calibrated probabilities."""
+    return (probs.clamp_min(1e-12).log() / temperature).softmax(1)
+
+
 def _probs(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model(x).float().softmax(1)
 

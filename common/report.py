@@ -2,9 +2,10 @@
 
 It reads whatever result files the scripts left in the folder (summary.json, metrics.csv,
 curves.png, evaluation.json, confusion_matrix.png, calibration.png, misclassified.png,
-gradcam*.png, explanations.json, selfcheck.json) and writes ``folder/report.html``:
-pictures inlined as base64 data URIs, inline CSS, no script, no link to anything. Every
-section is optional; a missing or unreadable file only leaves its part out.
+gradcam*.png, cams*.npz, explanations.json, selfcheck.json) and writes ``folder/report.html``:
+pictures inlined as base64 data URIs, inline CSS, and the map explorer's few lines of inline
+JavaScript; it links to nothing and fetches nothing. Every section is optional; a missing or
+unreadable file only leaves its part out.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import Any
 
 from common import results
 from common.atomic import atomic_write
+from common.explorer import CSS as EXPLORER_CSS
+from common.explorer import SCRIPT, explorer
 
 CSS = """
 body{font:15px/1.45 system-ui,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;color:#1d2330;
@@ -27,6 +30,7 @@ body{font:15px/1.45 system-ui,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;color:#
 main{max-width:1100px;margin:0 auto;padding:24px 28px 48px;background:#fff;min-height:100vh}
 h1{margin:0 0 6px;font-size:26px}
 h2{margin:34px 0 12px;padding-bottom:4px;border-bottom:2px solid #e3e6ec;font-size:20px}
+h3{margin:18px 0 6px;font-size:16px}
 .facts{color:#4a5263;margin:4px 0}.facts b{color:#1d2330}.muted{color:#6b7385}
 table{border-collapse:collapse;margin:10px 0 18px;font-size:14px;font-variant-numeric:tabular-nums}
 th,td{padding:5px 12px;border-bottom:1px solid #e3e6ec;text-align:right}
@@ -150,10 +154,13 @@ def _header(summary: dict, evaluation: dict) -> str:
             [
                 ("test accuracy ", e.get("accuracy"), "%", ""),
                 ("on ", e.get("n_images"), "{:,.0f}", " images"),
+                ("of ", e.get("data"), None, ""),
                 ("loss ", e.get("loss"), "{:.4f}", ""),
                 ("with flip TTA ", _dig(tta, "flip", "accuracy"), "%", ""),
                 ("flip + shifts ", _dig(tta, "flip_translate", "accuracy"), "%", ""),
                 ("ECE ", e.get("ece"), "{:.4f}", ""),
+                ("calibrated ECE ", e.get("ece_calibrated"), "{:.4f}", ""),
+                ("temperature ", e.get("temperature"), "{:.3f}", ""),
                 ("checkpoint ", e.get("checkpoint"), None, ""),
             ]
         )
@@ -237,7 +244,7 @@ def _mean_se(row: dict, mean: str, se: str) -> str:
 
 def _faithfulness(explanations: dict) -> str:
     verdicts = {True: ("good", "beats RandomCAM"), False: ("bad", "does not beat RandomCAM")}
-    table = _method_table(
+    explained = _method_table(
         _rows(explanations.get("faithfulness")),
         [
             ("n", lambda r: _fmt(r.get("n"), "{:.0f}")),
@@ -246,7 +253,29 @@ def _faithfulness(explanations: dict) -> str:
             ("verdict", lambda r: verdicts[bool(r.get("beats_random"))]),
         ],
     )
-    return _section("Faithfulness", [table, _note(explanations.get("note"))])
+    sample = _rows(explanations.get("road_sample"))
+    styles = {"beats RandomCAM": "good", "worse than RandomCAM": "bad"}
+    sampled = _method_table(
+        sample,
+        [
+            ("n", lambda r: _fmt(r.get("n"), "{:.0f}")),
+            ("ROAD", lambda r: _fmt(r.get("road_mean"), "{:+.4f}")),
+            ("RandomCAM", lambda r: _fmt(r.get("random_mean"), "{:+.4f}")),
+            ("difference [95 % interval]", lambda r: f"{_fmt(r.get('diff_mean'), '{:+.4f}')} "
+             f"[{_fmt(r.get('diff_low'), '{:+.4f}')}, {_fmt(r.get('diff_high'), '{:+.4f}')}]"),
+            ("verdict", lambda r: (styles.get(str(r.get("verdict")), ""), _text(r.get("verdict")))),
+        ],
+    )  # fmt: skip
+    return _section(
+        "Faithfulness",
+        [
+            f"<h3>On {_fmt(sample[0].get('n'), '{:.0f}')} random test images</h3>{sampled}"
+            if sampled
+            else "",
+            f"<h3>On the explained images</h3>{explained}" if explained else "",
+            _note(explanations.get("note")),
+        ],
+    )
 
 
 def _selfcheck(selfcheck: dict) -> str:
@@ -272,6 +301,7 @@ def _selfcheck(selfcheck: dict) -> str:
 def write_report(folder: str | os.PathLike) -> Path:
     """(Re)build folder/report.html from the result files there; returns its path."""
     folder = Path(folder)
+    maps = explorer(folder)
     summary, evaluation = _json(folder / results.SUMMARY), _json(folder / results.EVALUATION)
     monitor = str(summary.get("monitor_set") or "monitor")
     body = (
@@ -279,14 +309,15 @@ def write_report(folder: str | os.PathLike) -> Path:
         + _training(folder, monitor)
         + _test_set(folder, evaluation)
         + _mistakes(folder)
+        + _section("Explore the maps", [maps])
         + _faithfulness(_json(folder / results.EXPLANATIONS))
         + _selfcheck(_json(folder / results.SELFCHECK))
     )
     page = (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>cifar-cam report</title><style>{CSS}</style></head>"
-        f"<body><main>{body}</main></body></html>\n"
+        f"<title>cifar-cam report</title><style>{CSS}{EXPLORER_CSS if maps else ''}</style></head>"
+        f"<body><main>{body}</main>{f'<script>{SCRIPT}</script>' if maps else ''}</body></html>\n"
     )
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / results.REPORT

@@ -6,6 +6,7 @@ train.py, evaluate.py and explain.py write these names, report.html reads them, 
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 # train.py
@@ -47,7 +48,8 @@ FILES = (
     REPORT,
 )
 CAM_PICTURES = "gradcam*.png"  # one per explain.py run kind
-PATTERNS = (CAM_PICTURES, "cams*.npz", f"{USER_PREFIX}*")
+CAM_ARRAYS = "cams*.npz"  # cams.npz, or one cams_<method>_<layer>.npz per method and layer
+PATTERNS = (CAM_PICTURES, CAM_ARRAYS, f"{USER_PREFIX}*")
 
 
 def cams_file(method_layer: str | None, user: bool = False) -> str:
@@ -68,3 +70,4 @@ def remove_results(folder: Path) -> None:
         for path in folder.glob(pattern):
             if path.is_file():
                 path.unlink(missing_ok=True)
+    shutil.rmtree(folder / LOGS, ignore_errors=True)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from common.data import DataError, balanced_subset, cache_root, load_cifar10, split_off_validation
+from common.data import DataError, balanced_subset, cache_root, load_splits, split_off_validation
 
 
 def assert_same(a, b):
@@ -16,7 +16,7 @@ def assert_same(a, b):
 
 
 def test_every_source_gives_the_same_tensors(tiny_folder, tiny_pickle, tiny_tarball, tiny_arrays, classes):
-    folder = load_cifar10(str(tiny_folder))
+    folder = load_splits(str(tiny_folder))
     assert folder.train.images.shape == (60, 3, 32, 32) and folder.train.images.dtype == torch.uint8
     assert folder.train.labels.dtype == torch.int64 and folder.test.images.shape == (30, 3, 32, 32)
     assert folder.train.classes == classes
@@ -24,16 +24,16 @@ def test_every_source_gives_the_same_tensors(tiny_folder, tiny_pickle, tiny_tarb
     images, labels = tiny_arrays["train"]
     assert torch.equal(folder.train.images, torch.from_numpy(images).permute(0, 3, 1, 2))
     assert torch.equal(folder.train.labels, torch.from_numpy(labels))
-    assert_same(folder, load_cifar10(str(tiny_pickle)))
-    assert_same(folder, load_cifar10(str(tiny_pickle / "cifar-10-batches-py")))
-    assert_same(folder, load_cifar10(str(tiny_tarball)))
+    assert_same(folder, load_splits(str(tiny_pickle)))
+    assert_same(folder, load_splits(str(tiny_pickle / "cifar-10-batches-py")))
+    assert_same(folder, load_splits(str(tiny_tarball)))
 
 
 def test_matches_torchvision_imagefolder_order(tiny_folder):
     from torchvision.datasets import ImageFolder
 
     reference = ImageFolder(str(tiny_folder / "train"))
-    ours = load_cifar10(str(tiny_folder)).train
+    ours = load_splits(str(tiny_folder)).train
     assert ours.classes == reference.classes
     assert ours.labels.tolist() == reference.targets
     first = np.array(reference[7][0])
@@ -41,35 +41,35 @@ def test_matches_torchvision_imagefolder_order(tiny_folder):
 
 
 def test_second_start_reads_the_cache(tiny_folder):
-    load_cifar10(str(tiny_folder))
+    load_splits(str(tiny_folder))
     assert list((cache_root() / "tensors").glob("*.pt"))
     from common import data as data_module
 
     original = data_module._load_image_folder
     data_module._load_image_folder = lambda root: pytest.fail("decoded again instead of cached")
     try:
-        load_cifar10(str(tiny_folder))
+        load_splits(str(tiny_folder))
     finally:
         data_module._load_image_folder = original
 
 
 def test_changed_file_invalidates_the_cache(tmp_path, make_folder, classes):
     root = make_folder(tmp_path / "d")
-    before = load_cifar10(str(root)).train.images[0].clone()
+    before = load_splits(str(root)).train.images[0].clone()
     first = sorted((root / "train" / classes[0]).iterdir())[0]
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(first)
-    assert not torch.equal(load_cifar10(str(root)).train.images[0], before)
+    assert not torch.equal(load_splits(str(root)).train.images[0], before)
 
 
 def test_grayscale_is_converted(tmp_path, make_folder):
     root = make_folder(tmp_path / "d")
     Image.fromarray(np.full((32, 32), 77, np.uint8), mode="L").save(root / "test" / "cat" / "00000_gray.png")
-    test = load_cifar10(str(root)).test
+    test = load_splits(str(root)).test
     assert len(test) == 31 and test.images.shape[1] == 3
 
 
 def test_subset_is_balanced_and_val_split_is_disjoint(tiny_folder):
-    train = load_cifar10(str(tiny_folder)).train
+    train = load_splits(str(tiny_folder)).train
     subset = balanced_subset(train, 25, seed=0)
     counts = torch.bincount(subset.labels, minlength=10)
     assert len(subset) == 25 and counts.max() - counts.min() <= 1
@@ -110,7 +110,7 @@ def test_bad_image_folder_gives_one_clear_line(tmp_path, make_folder, breaker, s
     root = make_folder(tmp_path / "bad")
     breaker(root)
     with pytest.raises(DataError) as info:
-        load_cifar10(str(root))
+        load_splits(str(root))
     for word in says:
         assert word in str(info.value)
     assert "\n" not in str(info.value)
@@ -118,10 +118,10 @@ def test_bad_image_folder_gives_one_clear_line(tmp_path, make_folder, breaker, s
 
 def test_missing_path_and_empty_folder(tmp_path):
     with pytest.raises(DataError, match="not found"):
-        load_cifar10(str(tmp_path / "nowhere"))
+        load_splits(str(tmp_path / "nowhere"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no train/ and test/"):
-        load_cifar10(str(tmp_path / "empty"))
+        load_splits(str(tmp_path / "empty"))
 
 
 def test_offline_download_says_what_to_do(monkeypatch, tmp_path):
@@ -134,11 +134,11 @@ def test_offline_download_says_what_to_do(monkeypatch, tmp_path):
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", Offline)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(DataError, match="could not download CIFAR-10; pass --data PATH"):
-        load_cifar10(None)
+        load_splits(None)
 
 
 def test_real_cifar10_tarball(shared_tarball, classes):
-    splits = load_cifar10(str(shared_tarball))
+    splits = load_splits(str(shared_tarball))
     assert splits.train.images.shape == (50000, 3, 32, 32)
     assert splits.test.images.shape == (10000, 3, 32, 32)
     assert splits.train.classes == classes

@@ -5,7 +5,6 @@ import shutil
 import torch
 
 import evaluate
-from common.data import CIFAR10_MEAN, CIFAR10_STD
 from common.model import build_model
 
 
@@ -15,8 +14,8 @@ def independent_probs(ckpt, images):
     model = build_model(len(state["classes"]))
     model.load_state_dict(state["model"])
     model.eval()
-    mean = torch.tensor(CIFAR10_MEAN).view(3, 1, 1)
-    std = torch.tensor(CIFAR10_STD).view(3, 1, 1)
+    mean = torch.tensor(state["mean"]).view(3, 1, 1)  # the training set's own statistics
+    std = torch.tensor(state["std"]).view(3, 1, 1)
     with torch.no_grad():
         return torch.stack([model(((img.float() / 255 - mean) / std)[None])[0].softmax(0) for img in images])
 
@@ -44,9 +43,9 @@ def test_counts_every_image_once_and_agrees_with_a_plain_loop(tmp_path, trained_
     assert list(rows[0]) == ["index", "true", "true_name", "pred", "pred_name", "confidence"]
     assert [int(r["index"]) for r in rows] == list(range(30))  # batch 7 leaves a stub: still once each
 
-    from common.data import load_cifar10
+    from common.data import load_splits
 
-    test = load_cifar10(str(tiny_folder)).test
+    test = load_splits(str(tiny_folder)).test
     probs = independent_probs(ckpt, test.images)
     assert [int(r["true"]) for r in rows] == test.labels.tolist()
     assert [r["true_name"] for r in rows] == [classes[i] for i in test.labels.tolist()]
@@ -73,9 +72,9 @@ def test_tta_is_reported_beside_the_plain_figure(tmp_path, trained_run, tiny_fol
     assert plain["tta"] is None and tta["accuracy"] == plain["accuracy"]
     assert set(tta["tta"]) == {"flip", "flip_translate"}
     # The flip average, computed independently: the image and its mirror image.
-    from common.data import load_cifar10
+    from common.data import load_splits
 
-    test = load_cifar10(str(tiny_folder)).test
+    test = load_splits(str(tiny_folder)).test
     flip = (independent_probs(trained_run / "best.pt", test.images)
             + independent_probs(trained_run / "best.pt", test.images.flip(-1))) / 2  # fmt: skip
     expected = (flip.argmax(1) == test.labels).float().mean().item()

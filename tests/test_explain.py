@@ -16,19 +16,66 @@ def explain_run(trained_run, tmp_path):
 
 
 def test_cams_npz_and_picture(tmp_path, explain_run):
-    assert explain_run("--n", "4", "--layer", "layer4", "--accelerator", "cpu") == 0
+    assert explain_run("--n", "4", "--layer", "layer4", "--accelerator", "cpu", "--road-sample", "12") == 0
     cams = np.load(tmp_path / "cams.npz")
-    assert set(cams.files) == {"index", "true", "pred", "cam_pred", "cam_true"}
+    assert {
+        "index",
+        "true",
+        "pred",
+        "cam_pred",
+        "cam_true",
+        "cam_contrast",
+        "contrast_class",
+        "images",
+    } <= set(cams.files)
     n = len(cams["index"])
     assert 1 <= n <= 4 and (cams["true"] != cams["pred"]).all()
-    for key in ("cam_pred", "cam_true"):
+    # a mistake's contrast is the predicted class against the true one
+    assert (cams["contrast_class"] == cams["true"]).all()
+    for key in ("cam_pred", "cam_true", "cam_contrast"):
         assert cams[key].shape == (n, 32, 32) and cams[key].dtype == np.float32
         assert cams[key].min() >= 0 and cams[key].max() <= 1
+    assert cams["images"].shape == (n, 32, 32, 3) and cams["images"].dtype == np.uint8
     assert (tmp_path / "gradcam.png").stat().st_size > 1000
-    rows = json.loads((tmp_path / "explanations.json").read_text())["faithfulness"]
+    report = json.loads((tmp_path / "explanations.json").read_text())
+    rows = report["faithfulness"]
     assert [(r["method"], r["layer"], r["n"]) for r in rows] == [("GradCAM", "layer4", n)]
     assert isinstance(rows[0]["beats_random"], bool)
-    assert "Faithfulness" in (tmp_path / "report.html").read_text()
+    sample = report["road_sample"]
+    assert [(r["method"], r["layer"], r["n"]) for r in sample] == [("GradCAM", "layer4", 12)]
+    assert sample[0]["diff_low"] <= sample[0]["diff_mean"] <= sample[0]["diff_high"]
+    assert sample[0]["verdict"] in ("beats RandomCAM", "no clear difference", "worse than RandomCAM")
+    page = (tmp_path / "report.html").read_text()
+    assert "Faithfulness" in page and "Explore the maps" in page
+
+
+@pytest.mark.parametrize(
+    "flags, check",
+    [
+        pytest.param(["--index", "7", "3", "7"], lambda c: list(c["index"]) == [7, 3], id="index"),
+        pytest.param(["--class", "cat", "--correct"], lambda c: list(c["true"]) == [3, 3, 3],
+                     id="class-right-or-wrong"),
+        pytest.param(["--correct", "--n", "30"], lambda c: len(c["index"]) == 30, id="correct"),
+        pytest.param(["--sample", "5"], lambda c: len(set(c["index"])) == 5, id="sample"),
+    ],
+)  # fmt: skip
+def test_which_images(tmp_path, explain_run, flags, check):
+    assert explain_run(*flags, "--no-faithfulness") == 0
+    cams = np.load(tmp_path / "cams.npz")
+    assert check(cams), dict(cams)
+    right = cams["pred"] == cams["true"]
+    # the contrast is against the true class for a mistake, the runner-up for a right prediction
+    assert (cams["contrast_class"][~right] == cams["true"][~right]).all()
+    runner_up = np.argsort(-cams["probs"], axis=1)[:, 1]
+    assert (cams["contrast_class"][right] == runner_up[right]).all()
+
+
+def test_sample_is_seeded(tmp_path, explain_run):
+    picks = []
+    for seed in ("1", "1", "2"):
+        assert explain_run("--sample", "6", "--seed", seed, "--no-faithfulness") == 0
+        picks.append(list(np.load(tmp_path / "cams.npz")["index"]))
+    assert picks[0] == picks[1] != picks[2]
 
 
 def test_fewer_mistakes_than_n_is_not_an_error(tmp_path, explain_run, capsys):
@@ -47,6 +94,9 @@ def test_fewer_mistakes_than_n_is_not_an_error(tmp_path, explain_run, capsys):
         pytest.param(["--layer", "linear"], ["no spatial map"], id="layer-without-a-map"),
         pytest.param(["--layer", "layer4+"], ["unknown layer ''"], id="empty-fused-part"),
         pytest.param(["--layer", ""], ["unknown layer ''"], id="empty-layer"),
+        pytest.param(["--index", "30"], ["--index 30 is out of range", "30 images"], id="index-out-of-range"),
+        pytest.param(["--class", "kitten"], ["unknown --class 'kitten'", "airplane"], id="unknown-class"),
+        pytest.param(["--target", "both"], ["--target"], id="unknown-target"),
     ],
 )  # fmt: skip
 def test_bad_layer_or_method_is_one_line(explain_run, flags, says, one_line_error, capsys):
@@ -67,11 +117,43 @@ def test_pointing_game_cams_point_at_the_evidence(tmp_path):
     assert "Self-check" in (tmp_path / "report.html").read_text()
 
 
+@pytest.mark.parametrize("method", ["sess", "refinecam", "xgradcam", "fullgrad", "shapleycam"])
+def test_sharper_methods_give_full_resolution_maps(tmp_path, explain_run, method):
+    assert (
+        explain_run(
+            "--n", "2", "--method", method, "--layer", "layer4", "--target", "pred", "--no-faithfulness"
+        )
+        == 0
+    )
+    cams = np.load(tmp_path / "cams.npz")
+    assert cams["cam_pred"].shape == (2, 32, 32) and np.isfinite(cams["cam_pred"]).all()
+    assert np.isnan(cams["cam_true"]).all()  # not asked for
+
+
+@pytest.mark.parametrize("option", ["--aug-smooth", "--eigen-smooth"])
+def test_smoothing_changes_the_maps(tmp_path, explain_run, option):
+    assert (
+        explain_run("--n", "2", "--target", "pred", "--no-faithfulness", "--out", str(tmp_path / "plain"))
+        == 0
+    )
+    assert explain_run("--n", "2", "--target", "pred", "--no-faithfulness", option) == 0
+    plain, smoothed = np.load(tmp_path / "plain" / "cams.npz"), np.load(tmp_path / "cams.npz")
+    assert not np.allclose(plain["cam_pred"], smoothed["cam_pred"])
+
+
 def test_several_methods_write_one_npz_each(tmp_path, explain_run):
-    assert explain_run("--n", "2", "--method", "all", "--layer", "layer2", "--no-faithfulness") == 0
-    for slug in ("gradcam", "gradcampp", "hirescam", "layercam", "eigencam", "scorecam"):
-        cams = np.load(tmp_path / f"cams_{slug}_layer2.npz")
-        assert cams["cam_pred"].shape == (2, 32, 32)
+    assert (
+        explain_run(
+            "--n", "2", "--method", "all", "--layer", "layer2", "--no-faithfulness", "--target", "pred"
+        )
+        == 0
+    )
+    slugs = (
+        "gradcam gradcampp hirescam xgradcam layercam eigencam scorecam shapleycam fullgrad refinecam sess"
+    )
+    for slug in slugs.split():
+        found = list(tmp_path.glob(f"cams_{slug}_*.npz"))
+        assert len(found) == 1 and np.load(found[0])["cam_pred"].shape == (2, 32, 32), slug
     assert (tmp_path / "gradcam.png").exists() and not (tmp_path / "cams.npz").exists()
 
 
@@ -84,3 +166,7 @@ def test_user_images(tmp_path, explain_run, capsys):
     cams = np.load(tmp_path / "user_cams.npz")
     assert list(cams["true"]) == [-1, -1] and np.isnan(cams["cam_true"]).all()
     assert cams["cam_pred"].shape == (2, 32, 32) and (tmp_path / "user_gradcam.png").exists()
+    # the contrast of a picture with no true class: the top class against the runner-up
+    assert (cams["contrast_class"] == np.argsort(-cams["probs"], axis=1)[:, 1]).all()
+    assert np.isfinite(cams["cam_contrast"]).all()
+    assert "Your pictures" in (tmp_path / "report.html").read_text()

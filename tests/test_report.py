@@ -7,6 +7,7 @@ import os
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from common.report import write_report
@@ -24,7 +25,15 @@ CHROMIUM_FLAGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-SECTIONS = ["Training", "Test set", "Mistakes", "Faithfulness", "Self-check (pointing game)"]
+SECTIONS = [
+    "Training",
+    "Test set",
+    "Mistakes",
+    "Explore the maps",
+    "Faithfulness",
+    "Self-check (pointing game)",
+]
+MAPS = [("GradCAM", "layer2"), ("SESS", "layer4")]  # the explorer's maps: 2 methods x 3 targets x 3 images
 
 
 class Page(HTMLParser):
@@ -142,6 +151,30 @@ def full_run(tmp_path: Path) -> Path:
                         "beats_random": False,
                     },
                 ],
+                "road_sample": [
+                    {
+                        "method": "GradCAM",
+                        "layer": "layer4",
+                        "n": 200,
+                        "road_mean": 0.12,
+                        "random_mean": 0.03,
+                        "diff_mean": 0.0912,
+                        "diff_low": 0.0611,
+                        "diff_high": 0.1213,
+                        "verdict": "beats RandomCAM",
+                    },
+                    {
+                        "method": "EigenCAM",
+                        "layer": "layer3",
+                        "n": 200,
+                        "road_mean": 0.02,
+                        "random_mean": 0.03,
+                        "diff_mean": -0.0101,
+                        "diff_low": -0.0302,
+                        "diff_high": 0.0103,
+                        "verdict": "no clear difference",
+                    },
+                ],
                 "note": "ROAD <script>alert(1)</script> note",
             }
         )
@@ -157,7 +190,21 @@ def full_run(tmp_path: Path) -> Path:
             }
         )
     )
+    for k, (method, layer) in enumerate(MAPS):
+        _npz(tmp_path / f"cams_{method.lower()}_{layer}.npz", method, layer, seed=k)
     return tmp_path
+
+
+def _npz(path: Path, method: str, layer: str, seed: int) -> None:
+    """What explain.py writes for one method and layer: 3 pictures, their labels and maps."""
+    rng = np.random.default_rng(seed)
+    maps = {f"cam_{t}": rng.random((3, 32, 32), dtype=np.float32) for t in ("pred", "true", "contrast")}
+    same = np.random.default_rng(9)  # the pictures and predictions: one set for every method
+    probs = same.dirichlet(np.ones(10), size=3).astype(np.float32)
+    images = same.integers(0, 255, (3, 32, 32, 3), dtype=np.uint8)
+    np.savez(path, method=method, layer=layer, classes=np.array([f"class{c}" for c in range(10)]),
+             index=np.array([3, 14, 15]), true=np.array([1, 2, 3]), pred=probs.argmax(1),
+             contrast_class=np.array([1, 2, 3]), probs=probs, images=images, **maps)  # fmt: skip
 
 
 def test_full_report_has_every_section_and_nothing_external(full_run: Path):
@@ -184,17 +231,22 @@ def test_full_report_has_every_section_and_nothing_external(full_run: Path):
         "&lt;b&gt;not bold&lt;/b&gt;",
     ]:
         assert fact in text, fact
-    assert "<script" not in text and "&lt;script&gt;alert(1)&lt;/script&gt;" in text
-    # the row that does not beat RandomCAM is flagged, the other not
+    assert "<script>alert" not in text and "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+    # the rows that do not beat RandomCAM are flagged, the others not
     flagged = [row for row in text.split("<tr>") if "does not beat RandomCAM" in row]
     assert len(flagged) == 1 and "EigenCAM" in flagged[0] and 'class="bad"' in flagged[0]
-    # pictures: all six, inline; gradcam*.png sorted by name with their names as captions
+    assert "+0.0912 [+0.0611, +0.1213]" in text and "no clear difference" in text
+    # pictures, all inline: six figures (gradcam*.png sorted by name, named in their captions),
+    # and per explorer card the picture and its six maps
     images = [attrs for tag, attrs in page.tags if tag == "img"]
-    assert len(images) == 6
+    assert len(images) == 6 + 3 * (1 + 2 * 3)
     assert all(img["src"].startswith("data:image/png;base64,") for img in images)
-    assert [img["alt"] for img in images][-2:] == ["gradcam.png", "gradcam_layer3.png"]
-    assert text.count('src="') == 6 and "href" not in text and "url(" not in text
-    assert not [tag for tag, _ in page.tags if tag in {"script", "link", "iframe", "object"}]
+    assert [img["alt"] for img in images][4:6] == ["gradcam.png", "gradcam_layer3.png"]
+    assert text.count('src="') == len(images) and "href" not in text and "url(" not in text
+    # one inline script, the explorer's; nothing that loads anything
+    scripts = [attrs for tag, attrs in page.tags if tag == "script"]
+    assert scripts == [{}]
+    assert not [tag for tag, _ in page.tags if tag in {"link", "iframe", "object"}]
     assert sorted(p.name for p in full_run.iterdir() if "report" in p.name) == ["report.html"]
 
 
@@ -222,39 +274,70 @@ def test_broken_files_leave_their_sections_out(full_run: Path):
     assert "None" not in text
 
 
-def test_report_renders_in_headless_chromium(full_run: Path, tmp_path_factory):
-    """Real browser: no console or page errors, no request for anything, every picture decoded."""
+@pytest.fixture
+def browser(tmp_path_factory):
+    """`browser(url)`: a real headless Chromium page at url, with every console error, page
+    error and request recorded (page.errors, page.requests)."""
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} is not installed")
     sync_api = pytest.importorskip("playwright.sync_api")
-    url = write_report(full_run).as_uri()
-    errors: list[str] = []
-    requests: list[str] = []
     with sync_api.sync_playwright() as pw:
         context = pw.chromium.launch_persistent_context(
-            str(tmp_path_factory.mktemp("chromium-profile")),
-            executable_path=CHROMIUM,
-            headless=True,
-            args=CHROMIUM_FLAGS,
-            timeout=15_000,
-            viewport={"width": 1200, "height": 900},
-        )
-        try:
-            context.set_default_timeout(10_000)
+            str(tmp_path_factory.mktemp("chromium-profile")), executable_path=CHROMIUM, headless=True,
+            args=CHROMIUM_FLAGS, timeout=15_000, viewport={"width": 1200, "height": 900},
+        )  # fmt: skip
+        context.set_default_timeout(10_000)
+
+        def open_page(url: str):
             page = context.new_page()
-            page.on("console", lambda m: m.type == "error" and errors.append(f"console: {m.text}"))
-            page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
-            page.on("requestfailed", lambda r: errors.append(f"request failed: {r.url}"))
-            page.on("request", lambda r: requests.append(r.url))
+            page.errors, page.requests = [], []
+            page.on("console", lambda m: m.type == "error" and page.errors.append(f"console: {m.text}"))
+            page.on("pageerror", lambda e: page.errors.append(f"page error: {e}"))
+            page.on("requestfailed", lambda r: page.errors.append(f"request failed: {r.url}"))
+            page.on("request", lambda r: page.requests.append(r.url))
             page.goto(url, wait_until="load")
-            decoded = page.evaluate("""() => Promise.all(Array.from(document.images).map(img =>
-                img.decode().then(() => [img.alt, img.complete, img.naturalWidth],
-                                  () => [img.alt, false, 0])))""")
-            headings = page.locator("h2").all_inner_texts()
+            return page
+
+        try:
+            yield open_page
         finally:
             context.close()
-    assert errors == []
-    assert [u for u in requests if not u.startswith("data:")] == [url]
-    assert headings == SECTIONS
+
+
+def test_report_renders_in_headless_chromium(full_run: Path, browser):
+    """Real browser: no console or page errors, no request for anything, every picture decoded."""
+    url = write_report(full_run).as_uri()
+    page = browser(url)
+    decoded = page.evaluate("""() => Promise.all(Array.from(document.images).map(img =>
+        img.decode().then(() => [img.alt, img.complete, img.naturalWidth],
+                          () => [img.alt, false, 0])))""")
+    assert page.errors == []
+    assert [u for u in page.requests if not u.startswith("data:")] == [url]
+    assert page.locator("h2").all_inner_texts() == SECTIONS
     assert all(complete and width > 0 for _, complete, width in decoded), decoded
-    assert len(decoded) == 6
+    assert len(decoded) == 6 + 3 * (1 + 2 * 3)
+
+
+SHOWN = """card => { const m = card.querySelector('img.map:not([hidden])');
+                     return [m.dataset.key, m.src, getComputedStyle(m).opacity]; }"""
+
+
+def test_explorer_switches_maps_and_opacity(full_run: Path, browser):
+    """Clicking a card's buttons shows another map over the picture; the slider sets the
+    overlay's opacity (0.7 to start, as explain.py's pictures)."""
+    page = browser(write_report(full_run).as_uri())
+    card = page.locator(".card").first
+    key, src, opacity = card.evaluate(SHOWN)
+    assert key == "GradCAM layer2|pred" and opacity == "0.7"
+    card.locator('button[data-value="contrast"]').click()  # why the predicted class, not the true one
+    contrast = card.evaluate(SHOWN)
+    assert contrast[0] == "GradCAM layer2|contrast" and contrast[1] != src
+    card.locator('button[data-value="SESS layer4"]').click()
+    assert card.evaluate(SHOWN)[0] == "SESS layer4|contrast"
+    assert page.locator(".card").nth(1).evaluate(SHOWN)[0] == "GradCAM layer2|pred"  # other cards unchanged
+    page.locator('.explorer-controls button[data-value="true"]').click()  # every card at once
+    assert {c.evaluate(SHOWN)[0] for c in page.locator(".card").all()} == {
+        "SESS layer4|true", "GradCAM layer2|true"}  # fmt: skip
+    page.locator("#opacity").fill("0.3")
+    assert card.evaluate(SHOWN)[2] == "0.3" and page.locator("#opacity-value").inner_text() == "30 %"
+    assert page.errors == []

@@ -1,5 +1,6 @@
 import csv
 import json
+import math
 
 import pytest
 import torch
@@ -230,3 +231,29 @@ def test_val_split_keeps_the_best_epoch(tmp_path, tiny_folder, train_flags):
     accs = [row["monitor_acc"] for row in history]
     assert best["best_acc"] == max(accs) and best["epoch"] == accs.index(max(accs)) + 1
     assert best["best_rule"] == "best validation accuracy"
+
+
+@pytest.mark.parametrize(
+    "n_train, world, batch",
+    [
+        pytest.param(50_000, 1, train.BATCH, id="full-data-keeps-the-tuned-batch"),
+        pytest.param(2_000, 1, 32, id="smoke-run-2000-images"),
+        pytest.param(60, 1, 16, id="tiny-set-stops-at-16"),
+        pytest.param(60, 2, 32, id="two-processes-keep-16-each"),
+    ],
+)
+def test_default_batch_leaves_enough_steps(n_train, world, batch):
+    chosen, why = train.batch_for(n_train, world)
+    assert chosen == batch and chosen % world == 0
+    assert (why == "") == (batch == train.BATCH)
+    if batch != train.BATCH:
+        assert f"{math.ceil(n_train / batch)} steps" in why
+
+
+def test_a_small_run_says_what_it_chose_and_stores_it(tmp_path, tiny_folder, capsys):
+    args = ["--data", str(tiny_folder), "--epochs", "1", "--precision", "32-true", "--out", str(tmp_path)]
+    assert train.main(args) == 0
+    out = capsys.readouterr().out
+    config = torch.load(tmp_path / "last.pt", weights_only=True)["config"]
+    assert config["batch_size"] == 16 and config["lr"] == pytest.approx(train.LR_PER_BATCH * 16 / train.BATCH)
+    assert "chosen    batch 16" in out and "peak lr" in out

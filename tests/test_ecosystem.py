@@ -1,0 +1,216 @@
+"""What users of Lightning and torchvision expect: live logs, CIFAR-100, test-only sets, calibration."""
+
+import csv
+import json
+import pickle
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+import explain
+import train
+from common.data import DataError, load_splits
+
+
+def test_csv_logger_writes_every_step_and_epoch(tmp_path, tiny_folder, train_flags):
+    assert train.main(["--data", str(tiny_folder), *train_flags, "--out", str(tmp_path)]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "logs" / "csv" / "version_0" / "metrics.csv")))
+    steps = [r for r in rows if r["train/loss"]]
+    epochs = [r for r in rows if r["epoch/monitor_acc"]]
+    assert [int(r["step"]) for r in steps] == list(range(6))  # 2 epochs x 3 steps, each logged
+    assert all(float(r["train/lr"]) > 0 for r in steps)
+    assert [r["epoch/epoch"] for r in epochs] == ["1", "2"]
+    # metrics.csv keeps its own columns, one row per epoch
+    assert len(list(csv.DictReader(open(tmp_path / "metrics.csv")))) == 2
+
+
+def test_a_resumed_run_logs_a_new_version(tmp_path, tiny_folder, train_flags, ctrl_c_at, monkeypatch):
+    ctrl_c_at(5)
+    assert train.main(["--data", str(tiny_folder), *train_flags, "--out", str(tmp_path)]) == 130
+    monkeypatch.undo()
+    assert train.main(["--resume", str(tmp_path / "last.pt"), "--logger", "csv"]) == 0
+    versions = sorted(p.name for p in (tmp_path / "logs" / "csv").iterdir())
+    assert versions == ["version_0", "version_1"]
+    logged = [list(csv.DictReader(open(tmp_path / "logs" / "csv" / v / "metrics.csv"))) for v in versions]
+    steps = [[int(r["step"]) for r in rows if r["train/loss"]] for rows in logged]
+    assert steps == [[0, 1, 2, 3, 4], [5]]  # stopped after step 4 (epoch 2, step 2 of 3), resumed from there
+
+
+def test_no_logger(tmp_path, tiny_folder, train_flags):
+    assert (
+        train.main(["--data", str(tiny_folder), *train_flags, "--logger", "none", "--out", str(tmp_path)])
+        == 0
+    )
+    assert not (tmp_path / "logs").exists() and (tmp_path / "metrics.csv").exists()
+
+
+def test_tensorboard_without_the_package_is_one_line(tmp_path, tiny_folder, one_line_error, capsys):
+    pytest.importorskip("lightning")
+    from lightning.fabric.loggers import tensorboard
+
+    if tensorboard._TENSORBOARD_AVAILABLE or tensorboard._TENSORBOARDX_AVAILABLE:
+        pytest.skip("TensorBoard is installed here")
+    assert train.main(["--data", str(tiny_folder), "--logger", "tensorboard", "--out", str(tmp_path)]) == 2
+    one_line_error(capsys.readouterr().err, "pip install tensorboard")
+    assert list(tmp_path.iterdir()) == []  # refused before anything was written
+
+
+# --- CIFAR-100 and any number of classes -----------------------------------------------------
+
+
+def write_cifar100_root(root, rng, n_train=40, n_test=20, classes=100):
+    """The documented cifar-100-python layout: meta, train, test, fine and coarse labels."""
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    names = [f"fine{c:02d}" for c in range(classes)]
+    with open(folder / "meta", "wb") as f:
+        pickle.dump({b"fine_label_names": [n.encode() for n in names], b"coarse_label_names": [b"x"]}, f)
+    for name, n in (("train", n_train), ("test", n_test)):
+        labels = [int(c) for c in rng.integers(0, classes, n)]
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": data, b"fine_labels": labels, b"coarse_labels": [0] * n}, f)
+    return root, names
+
+
+def test_cifar100_python_root(tmp_path):
+    root, names = write_cifar100_root(tmp_path, np.random.default_rng(0))
+    splits = load_splits(str(root))
+    assert splits.train.classes == names and len(splits.train) == 40 and len(splits.test) == 20
+    assert splits.train.images.shape == (40, 3, 32, 32) and splits.train.labels.max() < 100
+
+
+def test_train_on_cifar100_stores_its_own_normalisation(tmp_path):
+    root, names = write_cifar100_root(tmp_path / "data", np.random.default_rng(1))
+    args = ["--data", str(root), "--epochs", "2", "--batch-size", "10", "--precision", "32-true"]
+    assert train.main([*args, "--out", str(tmp_path / "run")]) == 0
+    state = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    assert state["classes"] == names and state["model"]["linear.weight"].shape == (100, 512)
+    images = load_splits(str(root)).train.images.double() / 255
+    assert np.allclose(state["mean"], images.mean(dim=(0, 2, 3)), atol=1e-6)
+    assert np.allclose(state["std"], images.std(dim=(0, 2, 3), unbiased=False), atol=1e-6)
+    assert evaluate.main(["--ckpt", str(tmp_path / "run" / "best.pt"), "--precision", "32-true"]) == 0
+
+
+def test_download_names_the_dataset(monkeypatch, tmp_path):
+    import torchvision.datasets
+
+    class Offline:
+        def __init__(self, *args, **kwargs):
+            raise OSError("Name or service not known")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR100", Offline)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match="could not download CIFAR-100; pass --data PATH"):
+        load_splits(None, "cifar100")
+
+
+# --- test-only sets ------------------------------------------------------------------------------
+
+
+def class_folders(tiny_folder, target):
+    """CIFAR-10.1's layout: a folder of class folders, here the tiny test split."""
+    shutil.copytree(tiny_folder / "test", target)
+    return target
+
+
+def only_a_test_split(tiny_folder, target):
+    shutil.copytree(tiny_folder / "test", target / "test")
+    return target
+
+
+def tarball_of_class_folders(tiny_folder, target):
+    folder = class_folders(tiny_folder, target.parent / "cifar10.1")
+    with tarfile.open(target.parent / "cifar10.1.tar.gz", "w:gz") as tar:
+        tar.add(folder, arcname="cifar10.1")
+    return target.parent / "cifar10.1.tar.gz"
+
+
+@pytest.mark.parametrize(
+    "make, says",
+    [
+        pytest.param(class_folders, "class folders", id="class-folders"),
+        pytest.param(only_a_test_split, "test set, image folder", id="test-folder-only"),
+        pytest.param(tarball_of_class_folders, "class folders", id="tarball-of-class-folders"),
+    ],
+)
+def test_evaluate_and_explain_a_test_only_set(tmp_path, tiny_folder, trained_run, make, says):
+    data = make(tiny_folder, tmp_path / "set")
+    assert load_splits(str(data)).train is None
+    ckpt = str(trained_run / "best.pt")
+    assert (
+        evaluate.main(
+            ["--ckpt", ckpt, "--data", str(data), "--out", str(tmp_path / "e"), "--precision", "32-true"]
+        )
+        == 0
+    )
+    report = json.loads((tmp_path / "e" / "evaluation.json").read_text())
+    assert report["n_images"] == 30 and says in report["data"]
+    reference = json.loads((tmp_path / "e" / "evaluation.json").read_text())["accuracy"]
+    assert evaluate.main(["--ckpt", ckpt, "--out", str(tmp_path / "r"), "--precision", "32-true"]) == 0
+    assert (
+        json.loads((tmp_path / "r" / "evaluation.json").read_text())["accuracy"] == reference
+    )  # same images
+    assert says in (tmp_path / "e" / "report.html").read_text()
+    assert explain.main(["--ckpt", ckpt, "--data", str(data), "--out", str(tmp_path / "x"), "--n", "2",
+                         "--road-sample", "8"]) == 0  # fmt: skip
+
+
+def test_a_test_only_set_cannot_train(tmp_path, tiny_folder, one_line_error, capsys):
+    data = class_folders(tiny_folder, tmp_path / "set")
+    assert train.main(["--data", str(data), "--out", str(tmp_path / "run")]) == 2
+    one_line_error(capsys.readouterr().err, "test set only", "train/")
+
+
+def test_a_test_set_with_other_classes_is_refused(tmp_path, tiny_folder, trained_run, one_line_error, capsys):
+    data = class_folders(tiny_folder, tmp_path / "set")
+    (data / "cat").rename(data / "kitten")
+    assert (
+        evaluate.main(["--ckpt", str(trained_run / "best.pt"), "--data", str(data), "--out", str(tmp_path)])
+        == 2
+    )
+    one_line_error(capsys.readouterr().err, "differ", "kitten")
+
+
+# --- calibration ----------------------------------------------------------------------------------
+
+
+def test_temperature_scaling_fits_the_validation_set(tmp_path, tiny_folder, train_flags, capsys):
+    args = [
+        "--data",
+        str(tiny_folder),
+        *train_flags,
+        "--epochs",
+        "3",
+        "--val-split",
+        "20",
+        "--out",
+        str(tmp_path),
+    ]
+    assert train.main(args) == 0
+    assert "calibration temperature" in capsys.readouterr().out
+    state = torch.load(tmp_path / "best.pt", weights_only=True)
+    temperature = state["temperature"]
+    assert temperature > 0
+    summary = json.loads((tmp_path / "summary.json").read_text())["calibration"]
+    assert summary["temperature"] == temperature and summary["images"] == 20
+    assert summary["val_loss_after"] <= summary["val_loss_before"] + 1e-9  # it minimises that loss
+    assert evaluate.main(["--ckpt", str(tmp_path / "best.pt"), "--precision", "32-true"]) == 0
+    report = json.loads((tmp_path / "evaluation.json").read_text())
+    assert report["temperature"] == temperature and 0 <= report["ece_calibrated"] <= 1
+    # the confidences shown are the calibrated ones: softmax(logits / T)
+    rows = list(csv.DictReader(open(tmp_path / "predictions.csv")))
+    plain = evaluate.predict_probs(
+        train.model_from_checkpoint(state), load_splits(str(tiny_folder)).test.images,
+        torch.tensor(state["mean"]), torch.tensor(state["std"]),
+    ).plain  # fmt: skip
+    calibrated = (plain.log() / temperature).softmax(1)
+    assert np.allclose([float(r["confidence"]) for r in rows], calibrated.max(1).values, atol=1e-5)
+
+
+def test_no_validation_split_no_temperature(trained_run):
+    assert "temperature" not in torch.load(trained_run / "best.pt", weights_only=True)
