@@ -117,6 +117,8 @@ class TrainConfig:
             ),
             (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
             (0 < self.warmup < 1, f"--warmup must be in (0, 1), got {self.warmup}"),
+            (0 <= self.lr_start <= 1, f"--lr-start must be in [0, 1], got {self.lr_start}"),
+            (0 <= self.lr_end <= 1, f"--lr-end must be in [0, 1], got {self.lr_end}"),
             (0 <= self.seed < 2**32, f"--seed must be in [0, 2**32), got {self.seed}"),
             (0 <= self.ema < 1, f"--ema must be in [0, 1), got {self.ema}"),
         ]
@@ -193,7 +195,24 @@ def parse_args(argv: list[str] | None) -> dict:
         metavar="SHARE",
         help=f"share of the steps over which the lr rises to its peak (default {d.warmup})",
     )
+    p.add_argument(
+        "--lr-start",
+        type=float,
+        metavar="SHARE",
+        help=f"the first step's lr, as a share of the peak (default {d.lr_start:g})",
+    )
+    p.add_argument(
+        "--lr-end",
+        type=float,
+        metavar="SHARE",
+        help=f"the last step's lr, as a share of the peak (default {d.lr_end:g})",
+    )
     p.add_argument("--weight-decay", type=float, help=f"SGD weight decay (default {d.weight_decay})")
+    p.add_argument(
+        "--decay-norms",
+        action=argparse.BooleanOptionalAction,
+        help=f"weight decay on BatchNorm weights and biases too (default {'on' if d.decay_norms else 'off'})",
+    )
     p.add_argument(
         "--label-smoothing",
         type=float,
