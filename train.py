@@ -189,24 +189,13 @@ def parse_args(argv: list[str] | None) -> dict:
         type=positive_float,
         help=f"peak learning rate (default {LR_PER_BATCH} x batch-size/{BATCH})",
     )
-    p.add_argument(
-        "--warmup",
-        type=float,
-        metavar="SHARE",
-        help=f"share of the steps over which the lr rises to its peak (default {d.warmup})",
-    )
-    p.add_argument(
-        "--lr-start",
-        type=float,
-        metavar="SHARE",
-        help=f"the first step's lr, as a share of the peak (default {d.lr_start:g})",
-    )
-    p.add_argument(
-        "--lr-end",
-        type=float,
-        metavar="SHARE",
-        help=f"the last step's lr, as a share of the peak (default {d.lr_end:g})",
-    )
+    shares = [
+        ("--warmup", f"share of the steps over which the lr rises to its peak (default {d.warmup})"),
+        ("--lr-start", f"the first step's lr, as a share of the peak (default {d.lr_start:g})"),
+        ("--lr-end", f"the last step's lr, as a share of the peak (default {d.lr_end:g})"),
+    ]
+    for flag, text in shares:
+        p.add_argument(flag, type=float, metavar="SHARE", help=text)
     p.add_argument("--weight-decay", type=float, help=f"SGD weight decay (default {d.weight_decay})")
     p.add_argument(
         "--decay-norms",

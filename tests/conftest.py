@@ -203,3 +203,14 @@ def trained_run(tmp_path_factory, tiny_folder) -> Path:
     out = tmp_path_factory.mktemp("run")
     assert train.main(["--data", str(tiny_folder), *TRAIN_FLAGS, "--out", str(out)]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def val_split_run(tmp_path_factory, tiny_folder) -> Path:
+    """A finished 3-epoch run that held 20 training images out for validation."""
+    import train
+
+    out = tmp_path_factory.mktemp("val-run")
+    args = ["--data", str(tiny_folder), *TRAIN_FLAGS, "--epochs", "3", "--val-split", "20", "--out", str(out)]
+    assert train.main(args) == 0
+    return out

@@ -124,17 +124,18 @@ def test_missing_path_and_empty_folder(tmp_path):
         load_splits(str(tmp_path / "empty"))
 
 
-def test_offline_download_says_what_to_do(monkeypatch, tmp_path):
+@pytest.mark.parametrize("dataset, name", [("cifar10", "CIFAR-10"), ("cifar100", "CIFAR-100")])
+def test_offline_download_says_what_to_do(monkeypatch, tmp_path, dataset, name):
     import torchvision.datasets
 
     class Offline:
         def __init__(self, *args, **kwargs):
             raise OSError("Name or service not known")
 
-    monkeypatch.setattr(torchvision.datasets, "CIFAR10", Offline)
+    monkeypatch.setattr(torchvision.datasets, name.replace("-", ""), Offline)
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(DataError, match="could not download CIFAR-10; pass --data PATH"):
-        load_splits(None)
+    with pytest.raises(DataError, match=f"could not download {name}; pass --data PATH"):
+        load_splits(None, dataset)
 
 
 def test_real_cifar10_tarball(shared_tarball, classes):

@@ -13,7 +13,7 @@ import torch
 import evaluate
 import explain
 import train
-from common.data import DataError, load_splits
+from common.data import load_splits
 
 
 def test_csv_logger_writes_every_step_and_epoch(tmp_path, tiny_folder, train_flags):
@@ -96,19 +96,6 @@ def test_train_on_cifar100_stores_its_own_normalisation(tmp_path):
     assert evaluate.main(["--ckpt", str(tmp_path / "run" / "best.pt"), "--precision", "32-true"]) == 0
 
 
-def test_download_names_the_dataset(monkeypatch, tmp_path):
-    import torchvision.datasets
-
-    class Offline:
-        def __init__(self, *args, **kwargs):
-            raise OSError("Name or service not known")
-
-    monkeypatch.setattr(torchvision.datasets, "CIFAR100", Offline)
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(DataError, match="could not download CIFAR-100; pass --data PATH"):
-        load_splits(None, "cifar100")
-
-
 # --- test-only sets ------------------------------------------------------------------------------
 
 
@@ -179,27 +166,15 @@ def test_a_test_set_with_other_classes_is_refused(tmp_path, tiny_folder, trained
 # --- calibration ----------------------------------------------------------------------------------
 
 
-def test_temperature_scaling_fits_the_validation_set(tmp_path, tiny_folder, train_flags, capsys):
-    args = [
-        "--data",
-        str(tiny_folder),
-        *train_flags,
-        "--epochs",
-        "3",
-        "--val-split",
-        "20",
-        "--out",
-        str(tmp_path),
-    ]
-    assert train.main(args) == 0
-    assert "calibration temperature" in capsys.readouterr().out
-    state = torch.load(tmp_path / "best.pt", weights_only=True)
+def test_temperature_scaling_fits_the_validation_set(val_split_run, tiny_folder, tmp_path):
+    state = torch.load(val_split_run / "best.pt", weights_only=True)
     temperature = state["temperature"]
     assert temperature > 0
-    summary = json.loads((tmp_path / "summary.json").read_text())["calibration"]
+    summary = json.loads((val_split_run / "summary.json").read_text())["calibration"]
     assert summary["temperature"] == temperature and summary["images"] == 20
     assert summary["val_loss_after"] <= summary["val_loss_before"] + 1e-9  # it minimises that loss
-    assert evaluate.main(["--ckpt", str(tmp_path / "best.pt"), "--precision", "32-true"]) == 0
+    ckpt = str(val_split_run / "best.pt")
+    assert evaluate.main(["--ckpt", ckpt, "--out", str(tmp_path), "--precision", "32-true"]) == 0
     report = json.loads((tmp_path / "evaluation.json").read_text())
     assert report["temperature"] == temperature and 0 <= report["ece_calibrated"] <= 1
     # the confidences shown are the calibrated ones: softmax(logits / T)

@@ -213,21 +213,9 @@ def test_overwrite_clears_the_old_results(tmp_path, tiny_folder, train_flags):
     assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 1
 
 
-def test_val_split_keeps_the_best_epoch(tmp_path, tiny_folder, train_flags):
-    args = [
-        "--data",
-        str(tiny_folder),
-        *train_flags,
-        "--epochs",
-        "3",
-        "--val-split",
-        "20",
-        "--out",
-        str(tmp_path),
-    ]
-    assert train.main(args) == 0
-    history = torch.load(tmp_path / "last.pt", weights_only=True)["history"]
-    best = torch.load(tmp_path / "best.pt", weights_only=True)
+def test_val_split_keeps_the_best_epoch(val_split_run):
+    history = torch.load(val_split_run / "last.pt", weights_only=True)["history"]
+    best = torch.load(val_split_run / "best.pt", weights_only=True)
     accs = [row["monitor_acc"] for row in history]
     assert best["best_acc"] == max(accs) and best["epoch"] == accs.index(max(accs)) + 1
     assert best["best_rule"] == "best validation accuracy"
