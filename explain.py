@@ -59,7 +59,7 @@ from common.options import (
     positive_int,
 )
 from common.plots import plot_cam_comparison, plot_cam_grid, to_hwc
-from common.predict import predict_probs
+from common.predict import predict_probs, with_temperature
 from common.report import write_report
 
 # Chosen by measurement (README, "Explanations you can check"): the pointing game and ROAD.
@@ -166,29 +166,41 @@ class Selection:
 
 
 def test_images(state: dict, args, model, autocast: torch.dtype | None) -> Selection:
-    """Test images chosen by --index, --class, --correct, --sample or (default) the most
-    confident mistakes, with the probabilities of the model as explained (fp32)."""
+    """Test images chosen by --index, --sample, or (default) ranked by confidence: the mistakes,
+    or with --correct all predictions; --class narrows the last two."""
     test, classes = data_for(state, args.data).test, state["classes"]
     mean, std = torch.tensor(state["mean"]), torch.tensor(state["std"])
+    mistakes = not (args.index or args.sample or args.correct)
     if args.index:
         index, what = checked_indices(args.index, len(test)), f"test images {', '.join(map(str, args.index))}"
+    elif args.sample:
+        pool = of_classes(test, classes, args.classes).nonzero().flatten()
+        index = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(args.seed))]
+        what = f"{{n}} random {described(args.classes)}test images"
     else:
         # Same predictions as evaluate.py: same precision rule, same pass.
         probs = predict_probs(model, test.images, mean, std, autocast=autocast).plain
-        index, what = pick(probs, test, classes, args)
-    probs = predict_probs(model, test.images[index], mean, std).plain  # the CAMs run in fp32
-    if not (args.correct or args.index or args.sample):  # mistakes: those still wrong in fp32
+        index, what = ranked(probs, test, classes, args)
+    limit = len(index) if args.index else args.sample or args.n
+    # A margin for the mistakes: re-scored in fp32, as the CAMs run, some may turn right.
+    index = index[: 2 * limit + 10 if mistakes else limit]
+    probs = predict_probs(model, test.images[index], mean, std).plain
+    if mistakes:
         still_wrong = probs.argmax(1) != test.labels[index]
-        index, probs = index[still_wrong], probs[still_wrong]
-    index, probs = index[: args.n], probs[: args.n]
+        index, probs = index[still_wrong][:limit], probs[still_wrong][:limit]
+    probs = shown(probs, state)
     labels = test.labels[index]
     captions = [
         f"#{i} true {classes[t]}\npred {classes[p.argmax()]} {100 * p.max():.0f}%"
         for i, t, p in zip(index.tolist(), labels.tolist(), probs)
     ]
-    return Selection(
-        test.images[index], labels, probs, index, captions, what.replace("{n}", str(len(index))), False
-    )
+    what = what.replace("{n}", str(len(index)))
+    return Selection(test.images[index], labels, probs, index, captions, what, False)
+
+
+def shown(probs: torch.Tensor, state: dict) -> torch.Tensor:
+    """The probabilities as shown: calibrated when training fitted a temperature."""
+    return with_temperature(probs, state["temperature"]) if state.get("temperature") else probs
 
 
 def checked_indices(given: list[int], size: int) -> torch.Tensor:
@@ -200,21 +212,24 @@ def checked_indices(given: list[int], size: int) -> torch.Tensor:
     return torch.tensor(list(dict.fromkeys(given)), dtype=torch.long)
 
 
-def pick(probs: torch.Tensor, test: Dataset, classes: list[str], args) -> tuple[torch.Tensor, str]:
-    """Candidate test images, in order, and what they are in words ({n}: how many)."""
-    keep = torch.ones(len(test), dtype=torch.bool)
-    for name in args.classes or []:
+def of_classes(test: Dataset, classes: list[str], names: list[str] | None) -> torch.Tensor:
+    """Which test images are of the --class names given (all, when none is)."""
+    for name in names or []:
         if name not in classes:
             raise UsageError(f"unknown --class '{name}'; the classes are {', '.join(classes)}")
-    if args.classes:
-        keep &= torch.isin(test.labels, torch.tensor([classes.index(c) for c in args.classes]))
-    kind = " or ".join(args.classes or []) + (" " if args.classes else "")
-    if args.sample:
-        generator = torch.Generator().manual_seed(args.seed)
-        pool = keep.nonzero().flatten()
-        return pool[torch.randperm(len(pool), generator=generator)][
-            : args.sample
-        ], f"{{n}} random {kind}test images"
+    if not names:
+        return torch.ones(len(test), dtype=torch.bool)
+    return torch.isin(test.labels, torch.tensor([classes.index(c) for c in names]))
+
+
+def described(names: list[str] | None) -> str:
+    return " or ".join(names) + " " if names else ""
+
+
+def ranked(probs: torch.Tensor, test: Dataset, classes: list[str], args) -> tuple[torch.Tensor, str]:
+    """The mistakes (or with --correct every prediction) of the --class names given, the most
+    confident first or in test-set order; and what they are in words ({n}: how many)."""
+    keep = of_classes(test, classes, args.classes)
     if not args.correct:
         keep &= probs.argmax(1) != test.labels
     index = keep.nonzero().flatten()
@@ -222,8 +237,7 @@ def pick(probs: torch.Tensor, test: Dataset, classes: list[str], args) -> tuple[
         index = index[probs[index].max(1).values.argsort(descending=True, stable=True)]
     order = "most confident" if args.order == "confidence" else "first"
     noun = "predictions" if args.correct else "mistakes"
-    # A margin over --n: predictions re-scored in fp32 may turn right, and are dropped then.
-    return index[: 2 * args.n + 10], f"the {{n}} {order} {kind}{noun}"
+    return index, f"the {{n}} {order} {described(args.classes)}{noun}"
 
 
 def user_pictures(state: dict, args, model, autocast: torch.dtype | None) -> Selection:
@@ -233,7 +247,7 @@ def user_pictures(state: dict, args, model, autocast: torch.dtype | None) -> Sel
         if note:
             print(f"note: {path} {note}")
     mean, std = torch.tensor(state["mean"]), torch.tensor(state["std"])
-    probs = predict_probs(model, images, mean, std).plain
+    probs = shown(predict_probs(model, images, mean, std).plain, state)
     classes, captions = state["classes"], []
     for path, p in zip(args.image, probs):
         top = [(classes[c], 100 * v) for v, c in zip(*p.topk(min(3, len(classes))))]
@@ -340,7 +354,7 @@ def explained_faithfulness(model, layers: dict, cams: list[Cams], sel: Selection
                 "road_se": se,
                 "random_mean": rm,
                 "random_se": rse,
-                "beats_random": m > rm + 2 * se,
+                "beats_random": m > rm + 2 * rse,
             }
         )
     return rows
@@ -474,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     model = model.to(torch.device(accelerator), memory_format=torch.channels_last)
     autocast = hardware.autocast_dtype(hardware.default_precision(accelerator))
     sel = (user_pictures if args.image else test_images)(state, args, model, autocast)
-    if not sel.user and not args.index and len(sel.index) < args.n:
+    if not (sel.user or args.index or args.sample) and len(sel.index) < args.n:
         print(f"note: only {len(sel.index)} such images, fewer than --n {args.n}; showing all")
     out.mkdir(parents=True, exist_ok=True)
 
