@@ -282,11 +282,30 @@ def load_user_images(paths: list[str]) -> tuple[torch.Tensor, list[str]]:
 
 
 @dataclass
+class Subject:
+    """The model being explained, at the layers asked for, and how."""
+
+    model: torch.nn.Module
+    layers: dict[str, list[torch.nn.Module]]  # --layer spec -> the modules it names
+    methods: list[str]
+    smooth: tuple[bool, bool]  # aug_smooth, eigen_smooth
+    autocast: torch.dtype | None  # for the many forward passes of ROAD
+
+    def combos(self) -> list[tuple[str, str]]:
+        """(method, layer) pairs; a method that reads no layer (FullGrad) only once."""
+        first = next(iter(self.layers))
+        return [
+            (m, spec) for spec in self.layers for m in self.methods if METHODS[m].uses_layer or spec == first
+        ]
+
+
+@dataclass
 class Cams:
     """One method at one layer: a map per image for each target."""
 
     method: str
-    layer: str
+    layer: str  # the --layer spec, "every bias" for FullGrad
+    spec: str  # the --layer spec its maps were computed with
     maps: dict[str, np.ndarray]  # target -> (N,32,32) in [0,1]
 
     @property
@@ -294,21 +313,16 @@ class Cams:
         return f"{METHODS[self.method].name} {self.layer}"
 
 
-def explain(
-    model, layers: dict, methods: list[str], wanted: dict[str, list], x: torch.Tensor, args
-) -> list[Cams]:
+def explain(s: Subject, wanted: dict[str, list], x: torch.Tensor) -> list[Cams]:
     """Maps of every method at every layer, for each wanted target ({target: one per image})."""
-    first = next(iter(layers))
-    combos = [(m, spec) for spec in layers for m in methods if METHODS[m].uses_layer or spec == first]
-    smooth = (args.aug_smooth, args.eigen_smooth)
     found = []
-    for method, spec in tqdm(combos, desc="CAMs", disable=len(combos) == 1):
+    for method, spec in tqdm(s.combos(), desc="CAMs", disable=len(s.combos()) == 1):
         make = METHODS[method]
         maps = {
-            t: compute_cams(model, make, layers[spec], x, w, smooth, f"{method} {spec}")
+            t: compute_cams(s.model, make, s.layers[spec], x, w, s.smooth, f"{method} {spec}")
             for t, w in wanted.items()
         }
-        found.append(Cams(method, spec if make.uses_layer else "every bias", maps))
+        found.append(Cams(method, spec if make.uses_layer else "every bias", spec, maps))
     return found
 
 
@@ -322,66 +336,44 @@ def wanted_targets(sel: Selection, targets: list[str]) -> dict[str, list]:
     return {t: every[t]() for t in targets if not (sel.user and t == "true")}
 
 
-def road_table(model, layers: dict, cams: list[Cams], images: torch.Tensor, classes: torch.Tensor, seed: int):
-    """ROAD of each method and layer (for `classes`) and of RandomCAM at the same layer, on
-    the same images: {name: (method's scores, RandomCAM's scores)}."""
-    baseline, scores = {}, {}
+def road_pairs(s: Subject, cams: list[Cams], x: torch.Tensor, classes: torch.Tensor, seed: int) -> list:
+    """ROAD (for `classes`) of each method and layer, and of RandomCAM at the same layer on the
+    same images: [(method's scores, RandomCAM's scores)], one pair per entry of `cams`."""
+    baseline, pairs = {}, []
     for c in cams:
-        spec = c.layer if c.layer in layers else next(iter(layers))
-        if spec not in baseline:
-            baseline[spec] = road_scores(
-                model,
-                images,
-                random_maps(model, layers[spec], images, class_targets(classes), seed),
-                classes,
-                seed,
-            )
-        scores[c.name] = (road_scores(model, images, c.maps["pred"], classes, seed), baseline[spec])
-    return scores
+        if c.spec not in baseline:
+            noise = random_maps(s.model, s.layers[c.spec], x, class_targets(classes), seed)
+            baseline[c.spec] = road_scores(s.model, x, noise, classes, seed, s.autocast)
+        pairs.append((road_scores(s.model, x, c.maps["pred"], classes, seed, s.autocast), baseline[c.spec]))
+    return pairs
 
 
-def explained_faithfulness(model, layers: dict, cams: list[Cams], sel: Selection, x, seed: int) -> list[dict]:
+def explained_faithfulness(
+    s: Subject, cams: list[Cams], sel: Selection, x: torch.Tensor, seed: int
+) -> list[dict]:
     """ROAD on the explained images themselves, mean ± standard error against RandomCAM."""
     rows = []
-    for c, (road, random) in zip(cams, road_table(model, layers, cams, x, sel.preds, seed).values()):
+    for c, (road, random) in zip(cams, road_pairs(s, cams, x, sel.preds, seed)):
         (m, se), (rm, rse) = mean_se(road), mean_se(random)
-        rows.append(
-            {
-                "method": METHODS[c.method].name,
-                "layer": c.layer,
-                "n": len(road),
-                "road_mean": m,
-                "road_se": se,
-                "random_mean": rm,
-                "random_se": rse,
-                "beats_random": m > rm + 2 * rse,
-            }
-        )
+        beats = m > rm + 2 * rse
+        rows.append({"method": METHODS[c.method].name, "layer": c.layer, "n": len(road), "road_mean": m,
+                     "road_se": se, "random_mean": rm, "random_se": rse, "beats_random": beats})  # fmt: skip
     return rows
 
 
-def sampled_faithfulness(
-    model, layers: dict, methods: list[str], test: Dataset, state: dict, args
-) -> list[dict]:
+def sampled_faithfulness(s: Subject, test: Dataset, state: dict, n: int, seed: int) -> list[dict]:
     """ROAD on a seeded random sample of test images, each method paired against RandomCAM on
     the same images: the mean difference, its 95 % interval and the verdict that gives."""
-    index = torch.randperm(len(test), generator=torch.Generator().manual_seed(args.seed))[: args.road_sample]
+    index = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))[:n]
     mean, std = torch.tensor(state["mean"]), torch.tensor(state["std"])
-    preds = predict_probs(model, test.images[index], mean, std).plain.argmax(1)
+    preds = predict_probs(s.model, test.images[index], mean, std).plain.argmax(1)
     x = normalize(test.images[index], mean, std)
-    cams = explain(model, layers, methods, {"pred": class_targets(preds)}, x, args)
+    cams = explain(s, {"pred": class_targets(preds)}, x)
     rows = []
-    for c, (road, random) in zip(cams, road_table(model, layers, cams, x, preds, args.seed).values()):
-        rows.append(
-            {
-                "method": METHODS[c.method].name,
-                "layer": c.layer,
-                "n": len(road),
-                "road_mean": float(road.mean()),
-                "random_mean": float(random.mean()),
-                **paired_difference(road, random),
-            }
-        )
+    for c, (road, random) in zip(cams, road_pairs(s, cams, x, preds, seed)):
+        rows.append({"method": METHODS[c.method].name, "layer": c.layer, "n": len(road),
+                     "road_mean": float(road.mean()), "random_mean": float(random.mean()),
+                     **paired_difference(road, random)})  # fmt: skip
     return rows
 
 
@@ -413,7 +405,7 @@ def slug(c: Cams) -> str:
     return f"{c.method.replace('++', 'pp')}_{c.layer.replace(' ', '-')}"
 
 
-def draw(model, layers: dict, cams: list[Cams], sel: Selection, classes: list[str], path: Path) -> None:
+def draw(s: Subject, cams: list[Cams], sel: Selection, classes: list[str], path: Path) -> None:
     rgb = [to_hwc(img) for img in sel.images]
 
     def overlay(k: int, cam: np.ndarray) -> np.ndarray:
@@ -434,7 +426,7 @@ def draw(model, layers: dict, cams: list[Cams], sel: Selection, classes: list[st
             (rgb[k], sel.captions[k], [(overlay(k, m), heading(k, t)) for t, m in c.maps.items()])
             for k in range(len(rgb))
         ]
-        where = f"{c.layer} ({map_size(model, layers[c.layer])})" if c.layer in layers else c.layer
+        where = f"{c.layer} ({map_size(s.model, s.layers[c.spec])})" if c.layer == c.spec else c.layer
         plot_cam_grid(
             rows, path, f"{METHODS[c.method].name} at {where}, {sel.what}; red = evidence for the class named"
         )
@@ -487,21 +479,21 @@ def main(argv: list[str] | None = None) -> int:
     accelerator = hardware.resolve_accelerator(args.accelerator)
     model = model.to(torch.device(accelerator), memory_format=torch.channels_last)
     autocast = hardware.autocast_dtype(hardware.default_precision(accelerator))
+    s = Subject(model, layers, methods, (args.aug_smooth, args.eigen_smooth), autocast)
     sel = (user_pictures if args.image else test_images)(state, args, model, autocast)
     if not (sel.user or args.index or args.sample) and len(sel.index) < args.n:
         print(f"note: only {len(sel.index)} such images, fewer than --n {args.n}; showing all")
     out.mkdir(parents=True, exist_ok=True)
 
     x = normalize(sel.images, torch.tensor(state["mean"]), torch.tensor(state["std"]))
-    cams = explain(model, layers, methods, wanted_targets(sel, targets), x, args)
+    cams = explain(s, wanted_targets(sel, targets), x)
     faithful = not args.no_faithfulness and "pred" in targets
-    explained = explained_faithfulness(model, layers, cams, sel, x, args.seed) if faithful and len(x) else []
+    explained = explained_faithfulness(s, cams, sel, x, args.seed) if faithful and len(x) else []
     sampled = []
     if faithful and not sel.user and args.road_sample:
-        test = data_for(state, args.data).test
-        sampled = sampled_faithfulness(model, layers, methods, test, state, args)
+        sampled = sampled_faithfulness(s, data_for(state, args.data).test, state, args.road_sample, args.seed)
     written = save_arrays(cams, sel, state["classes"], out)
-    draw(model, layers, cams, sel, state["classes"], out / results.cam_picture(sel.user))
+    draw(s, cams, sel, state["classes"], out / results.cam_picture(sel.user))
     written.append(results.cam_picture(sel.user))
     print_tables(explained, sampled, args.seed)
     if not sel.user:

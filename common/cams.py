@@ -190,17 +190,35 @@ def _smoothing(cam, aug_smooth: bool, eigen_smooth: bool) -> dict:
 
 
 def road_scores(
-    model: torch.nn.Module, images: torch.Tensor, maps: np.ndarray, classes: torch.Tensor, seed: int
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    maps: np.ndarray,
+    classes: torch.Tensor,
+    seed: int,
+    autocast: torch.dtype | None = None,
 ) -> np.ndarray:
     """pytorch_grad_cam's ROADCombined (percentiles 20/40/60/80) per image, for the softmax of
     `classes`: higher means removing what the CAM marks hurts the class more than removing
-    what it leaves out."""
+    what it leaves out. `autocast` runs its forward passes (8 per image) in that precision."""
     torch.manual_seed(seed)
     np.random.seed(seed)
     device = next(model.parameters()).device
     targets = [ClassifierOutputSoftmaxTarget(int(c)) for c in classes]
-    road = ROADCombined(percentiles=ROAD_PERCENTILES)(images.to(device), maps, targets, model)
+    scored = _Autocast(model, autocast) if autocast else model
+    road = ROADCombined(percentiles=ROAD_PERCENTILES)(images.to(device), maps, targets, scored)
     return np.asarray(road, dtype=np.float64).reshape(-1)
+
+
+class _Autocast(torch.nn.Module):
+    """The model's forward pass in a lower precision, its outputs back in float32."""
+
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.model, self.dtype = model, dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, dtype=self.dtype):
+            return self.model(x).float()
 
 
 def random_maps(
