@@ -117,7 +117,7 @@ def parse_args(argv: list[str] | None):
         "--sample",
         type=positive_int,
         metavar="N",
-        help="N test images drawn at random (seeded by --seed), right or wrong",
+        help="N test images drawn at random (seeded by --seed), right or wrong, instead of --n",
     )
     which.add_argument("--index", type=non_negative_int, nargs="+", metavar="I", help="these test images")
     which.add_argument("--image", nargs="+", metavar="PATH", help="your own pictures, instead of test images")

@@ -177,93 +177,118 @@ def parse_args(argv: list[str] | None) -> dict:
     """The flags the user typed, and only those: defaults come from TrainConfig (or --resume)."""
     d = TrainConfig()
     p = Parser(prog="train.py", description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS)
-    p.add_argument("--epochs", type=positive_int, help=f"epochs (default {d.epochs})")
-    p.add_argument(
+    data = p.add_argument_group("data")
+    add_data_option(
+        data, "default: download the original CIFAR-10 (or --dataset) into ./data", argparse.SUPPRESS
+    )
+    data.add_argument(
+        "--dataset", choices=DATASETS, help=f"what to download without --data (default {d.dataset})"
+    )
+    data.add_argument(
+        "--subset", type=positive_int, metavar="N", help="train on N training images, balanced over classes"
+    )
+    data.add_argument(
+        "--val-split",
+        type=positive_int,
+        metavar="N",
+        help="hold N training images out for validation: best.pt is then the best validation epoch, "
+        "and a temperature is fitted on them for calibrated confidences",
+    )
+    recipe = p.add_argument_group("the recipe (README: What the choices are)")
+    recipe.add_argument("--epochs", type=positive_int, metavar="N", help=f"epochs (default {d.epochs})")
+    recipe.add_argument(
         "--batch-size",
         type=positive_int,
-        help=f"global batch, split over processes (default {BATCH}, halved while an epoch would have fewer "
-        f"than {MIN_STEPS} steps)",
+        metavar="N",
+        help=f"global batch, split over processes (default {BATCH}, halved while an epoch would "
+        f"have fewer than {MIN_STEPS} steps)",
     )
-    p.add_argument(
-        "--lr",
-        type=positive_float,
-        help=f"peak learning rate (default {LR_PER_BATCH} x batch-size/{BATCH})",
+    recipe.add_argument(
+        "--lr", type=positive_float, help=f"peak learning rate (default {LR_PER_BATCH} x batch/{BATCH})"
     )
-    shares = [
-        ("--warmup", f"share of the steps over which the lr rises to its peak (default {d.warmup})"),
-        ("--lr-start", f"the first step's lr, as a share of the peak (default {d.lr_start:g})"),
-        ("--lr-end", f"the last step's lr, as a share of the peak (default {d.lr_end:g})"),
-    ]
-    for flag, text in shares:
-        p.add_argument(flag, type=float, metavar="SHARE", help=text)
-    p.add_argument("--weight-decay", type=float, help=f"SGD weight decay (default {d.weight_decay})")
-    p.add_argument(
+    recipe.add_argument(
+        "--warmup",
+        type=float,
+        metavar="SHARE",
+        help=f"share of the steps over which the lr rises to its peak (default {d.warmup})",
+    )
+    recipe.add_argument(
+        "--lr-start",
+        type=float,
+        metavar="SHARE",
+        help=f"the first step's lr, as a share of the peak (default {d.lr_start:g})",
+    )
+    recipe.add_argument(
+        "--lr-end",
+        type=float,
+        metavar="SHARE",
+        help=f"the last step's lr, as a share of the peak (default {d.lr_end:g})",
+    )
+    recipe.add_argument(
+        "--weight-decay", type=float, metavar="WD", help=f"SGD weight decay (default {d.weight_decay})"
+    )
+    recipe.add_argument(
         "--decay-norms",
         action=argparse.BooleanOptionalAction,
         help=f"weight decay on BatchNorm weights and biases too (default {'on' if d.decay_norms else 'off'})",
     )
-    p.add_argument(
+    recipe.add_argument(
         "--label-smoothing",
         type=float,
+        metavar="EPS",
         help=f"label smoothing of the training loss (default {d.label_smoothing})",
     )
-    p.add_argument(
-        "--cutout", type=non_negative_int, help=f"cutout square side in px, 0 = off (default {d.cutout})"
+    recipe.add_argument(
+        "--cutout",
+        type=non_negative_int,
+        metavar="PX",
+        help=f"side of the square cut out of each image, 0 = off (default {d.cutout})",
     )
-    add_data_option(
-        p, "default: download the original CIFAR-10 (or --dataset) into ./data", argparse.SUPPRESS
+    recipe.add_argument(
+        "--ema",
+        type=float,
+        metavar="DECAY",
+        help=f"keep a moving average of the weights, decaying by DECAY a step, and score and save it "
+        f"(default {d.ema:g}{': off' if not d.ema else ''})",
     )
-    p.add_argument(
-        "--dataset", choices=DATASETS, help=f"what to download when --data is not given (default {d.dataset})"
+    recipe.add_argument("--seed", type=int, help=f"random seed (default {d.seed})")
+    run = p.add_argument_group("the run")
+    run.add_argument(
+        "--out", metavar="DIR", help="results folder (default: the current one, or the --resume checkpoint's)"
     )
-    p.add_argument("--subset", type=positive_int, help="train on N training images, balanced over classes")
-    p.add_argument(
-        "--val-split",
-        type=positive_int,
-        help="hold N training images out as a validation set; best.pt is then the best validation epoch",
+    run.add_argument("--resume", metavar="CKPT", help="continue from this last.pt")
+    run.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
+    run.add_argument(
+        "--logger",
+        choices=LOGGERS,
+        help=f"live logs in --out/{results.LOGS}/ through Fabric's loggers: each step's loss and lr, "
+        f"each epoch's metrics (default {d.logger}; tensorboard needs `pip install tensorboard`)",
     )
-    p.add_argument(
-        "--out", help="output folder (default: the current directory, or the --resume checkpoint's)"
-    )
-    p.add_argument("--seed", type=int, help=f"random seed (default {d.seed})")
-    p.add_argument(
+    device = p.add_argument_group("device and processes")
+    device.add_argument(
         "--precision",
         choices=hardware.PRECISIONS,
         help="default auto: the fastest correct one for the device (printed at start)",
     )
-    add_accelerator_option(p, argparse.SUPPRESS)
-    p.add_argument(
+    add_accelerator_option(device, argparse.SUPPRESS)
+    device.add_argument(
         "--devices",
         type=positive_int,
+        metavar="N",
         help="processes on this machine (default 1; under torchrun, torchrun decides)",
     )
-    p.add_argument(
+    device.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
-        help="torch.compile the model (default: on for CUDA, off on CPU)",
+        help="torch.compile the model (default: on for CUDA, off on the CPU, where it was slower)",
     )
-    p.add_argument(
-        "--ema",
-        type=float,
-        metavar="DECAY",
-        help="keep an exponential moving average of the weights with this decay per step, e.g. 0.999 "
-        "(default 0: off); the monitor set then scores the average",
-    )
-    p.add_argument(
+    device.add_argument(
         "--dist-timeout",
         type=positive_int,
-        help=f"seconds a rank waits for the others before giving up (default {d.dist_timeout})",
+        metavar="SECONDS",
+        help=f"how long a rank waits for the others before giving up (default {d.dist_timeout})",
     )
-    p.add_argument(
-        "--logger",
-        choices=LOGGERS,
-        help=f"live logs in --out/{results.LOGS}/ through Fabric's loggers: the train loss and lr every "
-        f"{REFRESH_EVERY} steps and each epoch's metrics (default {d.logger}; tensorboard needs "
-        "`pip install tensorboard`)",
-    )
-    p.add_argument("--resume", metavar="CKPT", help="continue from this last.pt")
-    p.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
-    return vars(p.parse_args(argv))
+    return vars(p.parse_args(argv))  # fmt: skip
 
 
 def build_config(args: dict, resumed: dict | None) -> TrainConfig:
