@@ -25,7 +25,7 @@ import hashlib
 import os
 import pickle
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -99,7 +99,9 @@ def load_splits(data: str | None, dataset: str = "cifar10") -> Splits:
     if path.is_file():
         if not path.name.endswith((".tar.gz", ".tgz")):
             raise DataError(f"{data} is a file but not a .tar.gz of an image folder")
-        return load_splits(str(_unpack_once(path)))
+        splits = load_splits(str(_unpack_once(path)))
+        # Named after the archive the user gave, not the cache folder it was unpacked into.
+        return replace(splits, source=f"{splits.source.split(' (')[0]} ({path})")
     loader, root = _layout(path)
     return _cached(_fingerprint(root), loader, root)
 
