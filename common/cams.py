@@ -78,7 +78,7 @@ def choose_methods(given: list[str] | None, default: str) -> list[str]:
     if "all" in names:
         return list(METHODS)
     for name in names:
-        if name not in METHODS:
+        if name not in METHODS and name != default:
             raise UsageError(f"unknown --method '{name}'; choose from {', '.join(METHODS)} or all")
     return list(dict.fromkeys(names))
 

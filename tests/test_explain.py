@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import explain
@@ -39,10 +40,10 @@ def test_cams_npz_and_picture(tmp_path, explain_run):
     assert (tmp_path / "gradcam.png").stat().st_size > 1000
     report = json.loads((tmp_path / "explanations.json").read_text())
     rows = report["faithfulness"]
-    assert [(r["method"], r["layer"], r["n"]) for r in rows] == [("GradCAM", "layer4", n)]
+    assert [(r["method"], r["layer"], r["n"]) for r in rows] == [("SESS", "layer4", n)]  # layer4's default
     assert isinstance(rows[0]["beats_random"], bool)
     sample = report["road_sample"]
-    assert [(r["method"], r["layer"], r["n"]) for r in sample] == [("GradCAM", "layer4", 12)]
+    assert [(r["method"], r["layer"], r["n"]) for r in sample] == [("SESS", "layer4", 12)]
     assert sample[0]["diff_low"] <= sample[0]["diff_mean"] <= sample[0]["diff_high"]
     assert sample[0]["verdict"] in ("beats RandomCAM", "no clear difference", "worse than RandomCAM")
     page = (tmp_path / "report.html").read_text()
@@ -79,7 +80,9 @@ def test_sample_is_seeded(tmp_path, explain_run):
 
 
 def test_fewer_mistakes_than_n_is_not_an_error(tmp_path, explain_run, capsys):
-    assert explain_run("--n", "500", "--order", "index", "--layer", "layer3.1.conv2") == 0
+    assert (
+        explain_run("--n", "500", "--order", "index", "--layer", "layer3.1.conv2", "--method", "gradcam") == 0
+    )
     assert "fewer than --n 500" in capsys.readouterr().out
     index = np.load(tmp_path / "cams.npz")["index"]
     assert list(index) == sorted(index) and len(index) < 500
@@ -115,6 +118,23 @@ def test_pointing_game_cams_point_at_the_evidence(tmp_path):
     assert rates["GradCAM", "layer3"] >= 0.8, report
     assert rates["GradCAM", "layer3"] > 5 * report["chance"]
     assert "Self-check" in (tmp_path / "report.html").read_text()
+
+
+@pytest.mark.parametrize(
+    "layer, method",
+    [
+        ("layer1", "gradcam"),
+        ("layer2", "gradcam"),
+        ("layer3", "sess"),
+        ("layer4", "sess"),
+        ("layer3+layer4", "sess"),
+    ],
+)
+def test_default_method_follows_the_map_size(trained_run, layer, method):
+    """GradCAM where the layer's map is 16x16 or finer, SESS where it is coarser (the pointing game)."""
+    model = explain.model_from_checkpoint(torch.load(trained_run / "best.pt", weights_only=True))
+    s = explain.Subject(model, {layer: explain.find_layers(model, layer)}, ["auto"], (False, False), None)
+    assert s.combos() == [(method, layer)]
 
 
 @pytest.mark.parametrize("method", ["sess", "refinecam", "xgradcam", "fullgrad", "shapleycam"])
