@@ -1,7 +1,8 @@
-"""Evaluate a saved checkpoint on the CIFAR-10 test set.
+"""Evaluate a saved checkpoint on a test set: CIFAR-10's by default, or any whose classes match.
 
     python evaluate.py --ckpt best.pt            # data source recorded in the checkpoint
     python evaluate.py --ckpt best.pt --tta      # also report test-time augmentation
+    python evaluate.py --data cifar10.1/         # a test set alone: a folder of class folders
 
 Needs only the checkpoint (and the data). Writes beside the checkpoint (or into --out):
 confusion_matrix.png, calibration.png, misclassified.png, predictions.csv, evaluation.json,
@@ -28,14 +29,15 @@ from torchmetrics.classification import (
 
 from common import hardware, results
 from common.atomic import atomic_write
-from common.checkpoint import data_for, load_checkpoint, model_from_checkpoint
+from common.checkpoint import data_for, load_checkpoint, model_from_checkpoint, temperature_for
 from common.data import Dataset
-from common.lock import refuse_if_training
+from common.lock import share_folder
 from common.options import (
     Parser,
     add_accelerator_option,
     add_data_option,
     add_weights_options,
+    chosen_weights,
     command,
     positive_int,
 )
@@ -203,15 +205,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     state = load_checkpoint(args.ckpt)
     out = Path(args.out) if args.out else Path(args.ckpt).parent
-    refuse_if_training(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with share_folder(out):  # refused while a training run holds the folder
+        return run(args, state, out, started)
+
+
+def run(args, state: dict, out: Path, started: float) -> int:
     splits = data_for(state, args.data)
     test, classes = splits.test, state["classes"]
 
     hardware.prepare_backend()
     accelerator = hardware.resolve_accelerator(args.accelerator)
     precision = hardware.default_precision(accelerator) if args.precision == "auto" else args.precision
-    model = model_from_checkpoint(state, "ema" if args.ema else args.weights)
+    weights = chosen_weights(args)
+    model = model_from_checkpoint(state, weights)
     model = model.to(torch.device(accelerator), memory_format=torch.channels_last)
     mean, std = torch.tensor(state["mean"]), torch.tensor(state["std"])
     print(f"checkpoint {args.ckpt} (epoch {state.get('epoch', '?')}, {len(classes)} classes)")
@@ -226,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     assert len(probs) == len(test.labels), "every test image is scored exactly once"
     m = class_metrics(probs, test.labels, len(classes))
     # A temperature fitted on held-out images (train.py --val-split) calibrates the confidences.
-    m["temperature"] = state.get("temperature")
+    m["temperature"] = temperature_for(state, weights)
     shown = with_temperature(probs, m["temperature"]) if m["temperature"] else probs
     m["ece_calibrated"] = class_metrics(shown, test.labels, len(classes))["ece"] if m["temperature"] else None
     tta = None

@@ -46,18 +46,20 @@ from common.cams import (
     random_maps,
     road_scores,
 )
-from common.checkpoint import data_for, load_checkpoint, model_from_checkpoint
+from common.checkpoint import data_for, load_checkpoint, model_from_checkpoint, temperature_for
 from common.data import DataError, Dataset, normalize
-from common.lock import refuse_if_training
+from common.lock import share_folder
 from common.options import (
     Parser,
     UsageError,
     add_accelerator_option,
     add_data_option,
     add_weights_options,
+    chosen_weights,
     command,
     non_negative_int,
     positive_int,
+    seed,
 )
 from common.plots import plot_cam_comparison, plot_cam_grid, to_hwc
 from common.predict import predict_probs, with_temperature
@@ -137,7 +139,7 @@ def parse_args(argv: list[str] | None):
     )
     check.add_argument("--no-faithfulness", action="store_true", help="skip the ROAD faithfulness scores")
     p.add_argument(
-        "--seed", type=int, default=0, help="seed of --sample, ROAD's noise and RandomCAM (default 0)"
+        "--seed", type=seed, default=0, help="seed of --sample, ROAD's noise and RandomCAM (default 0)"
     )
     add_weights_options(p)
     add_accelerator_option(p)
@@ -157,7 +159,12 @@ class Selection:
     index: torch.Tensor  # test-set index, or the picture's position in --image
     captions: list[str]
     what: str  # e.g. "the 20 most confident mistakes"
-    user: bool  # the user's pictures: files named user_*
+    test: Dataset | None  # the test set they come from; None for the user's pictures
+
+    @property
+    def user(self) -> bool:
+        """The user's pictures (--image): files named user_*, no true class."""
+        return self.test is None
 
     @property
     def preds(self) -> torch.Tensor:
@@ -193,19 +200,20 @@ def test_images(state: dict, args, model, autocast: torch.dtype | None) -> Selec
     if mistakes:
         still_wrong = probs.argmax(1) != test.labels[index]
         index, probs = index[still_wrong][:limit], probs[still_wrong][:limit]
-    probs = shown(probs, state)
+    probs = shown(probs, state, chosen_weights(args))
     labels = test.labels[index]
     captions = [
         f"#{i} true {classes[t]}\npred {classes[p.argmax()]} {100 * p.max():.0f}%"
         for i, t, p in zip(index.tolist(), labels.tolist(), probs)
     ]
     what = what.replace("{n}", str(len(index)))
-    return Selection(test.images[index], labels, probs, index, captions, what, False)
+    return Selection(test.images[index], labels, probs, index, captions, what, test)
 
 
-def shown(probs: torch.Tensor, state: dict) -> torch.Tensor:
-    """The probabilities as shown: calibrated when training fitted a temperature."""
-    return with_temperature(probs, state["temperature"]) if state.get("temperature") else probs
+def shown(probs: torch.Tensor, state: dict, weights: str) -> torch.Tensor:
+    """The probabilities as shown: calibrated when training fitted a temperature to these weights."""
+    temperature = temperature_for(state, weights)
+    return with_temperature(probs, temperature) if temperature else probs
 
 
 def checked_indices(given: list[int], size: int) -> torch.Tensor:
@@ -252,16 +260,15 @@ def user_pictures(state: dict, args, model, autocast: torch.dtype | None) -> Sel
         if note:
             print(f"note: {path} {note}")
     mean, std = torch.tensor(state["mean"]), torch.tensor(state["std"])
-    probs = shown(predict_probs(model, images, mean, std).plain, state)
+    probs = shown(predict_probs(model, images, mean, std).plain, state, chosen_weights(args))
     classes, captions = state["classes"], []
     for path, p in zip(args.image, probs):
         top = [(classes[c], 100 * v) for v, c in zip(*p.topk(min(3, len(classes))))]
         print(f"{path}: " + ", ".join(f"{name} {v:.1f}%" for name, v in top))
         captions.append(f"{Path(path).name[:18]}\n" + "\n".join(f"{name} {v:.0f}%" for name, v in top))
     labels = torch.full((len(images),), -1)
-    return Selection(
-        images, labels, probs, torch.arange(len(images)), captions, f"{len(images)} of your pictures", True
-    )
+    what = f"{len(images)} of your pictures"
+    return Selection(images, labels, probs, torch.arange(len(images)), captions, what, None)
 
 
 def load_user_images(paths: list[str]) -> tuple[torch.Tensor, list[str]]:
@@ -389,7 +396,9 @@ def sampled_faithfulness(s: Subject, test: Dataset, state: dict, n: int, seed: i
 
 
 def save_arrays(cams: list[Cams], sel: Selection, classes: list[str], out: Path) -> list[str]:
-    """One npz per method and layer: what report.html draws its explorer from."""
+    """One npz per method and layer (replacing an earlier run's): what report.html's explorer
+    draws from."""
+    results.remove_cams(out, sel.user)
     written = []
     for c in cams:
         name = results.cams_file(None if len(cams) == 1 else slug(c), sel.user)
@@ -478,12 +487,18 @@ def print_tables(explained: list[dict], sampled: list[dict], seed: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     args = parse_args(argv)
-    methods = choose_methods(args.method, "auto") if args.method else ["auto"]
-    targets = list(dict.fromkeys(args.target or TARGETS))
     state = load_checkpoint(args.ckpt)
     out = Path(args.out) if args.out else Path(args.ckpt).parent
-    refuse_if_training(out)
-    model = model_from_checkpoint(state, "ema" if args.ema else args.weights)
+    with share_folder(out):  # refused while a training run holds the folder
+        return run(args, state, out, started)
+
+
+def run(args, state: dict, out: Path, started: float) -> int:
+    methods = choose_methods(args.method, "auto") if args.method else ["auto"]
+    targets = list(dict.fromkeys(args.target or TARGETS))
+    if args.image and targets == ["true"]:
+        raise UsageError("--target true needs test images: your pictures have no true class")
+    model = model_from_checkpoint(state, chosen_weights(args))
     layers = {spec: find_layers(model, spec) for spec in dict.fromkeys(args.layer or [DEFAULT_LAYER])}
 
     hardware.prepare_backend()
@@ -495,9 +510,10 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{spec} ({map_size(model, layers[spec])})" if METHODS[method].uses_layer else "every bias"
         print(f"maps       {METHODS[method].name} at {where}")
     sel = (user_pictures if args.image else test_images)(state, args, model, autocast)
+    if len(sel.index) == 0:
+        raise UsageError(f"no images to explain ({sel.what}); --correct takes right predictions too")
     if not (sel.user or args.index or args.sample) and len(sel.index) < args.n:
         print(f"note: only {len(sel.index)} such images, fewer than --n {args.n}; showing all")
-    out.mkdir(parents=True, exist_ok=True)
 
     x = normalize(sel.images, torch.tensor(state["mean"]), torch.tensor(state["std"]))
     cams = explain(s, wanted_targets(sel, targets), x)
@@ -505,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     explained = explained_faithfulness(s, cams, sel, x, args.seed) if faithful and len(x) else []
     sampled = []
     if faithful and not sel.user and args.road_sample:
-        sampled = sampled_faithfulness(s, data_for(state, args.data).test, state, args.road_sample, args.seed)
+        sampled = sampled_faithfulness(s, sel.test, state, args.road_sample, args.seed)
     written = save_arrays(cams, sel, state["classes"], out)
     draw(s, cams, sel, state["classes"], out / results.cam_picture(sel.user))
     written.append(results.cam_picture(sel.user))

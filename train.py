@@ -46,6 +46,7 @@ from common.checkpoint import (
 )
 from common.data import (
     DATASETS,
+    DOWNLOADED,
     Dataset,
     balanced_subset,
     channel_stats,
@@ -155,16 +156,21 @@ class TrainConfig:
 
 def batch_for(n_train: int, world: int) -> tuple[int, str]:
     """BATCH, halved while an epoch would have fewer than MIN_STEPS steps (not below 16 images
-    per process): a small run still takes enough optimizer steps to learn."""
-    batch = BATCH
-    while math.ceil(n_train / batch) < MIN_STEPS and batch // 2 >= 16 * world:
-        batch //= 2
-    if batch == BATCH:
-        return batch, ""
-    return batch, (
-        f"batch {batch}, not {BATCH}, so that an epoch of {n_train:,} images has "
-        f"{math.ceil(n_train / batch)} steps (at least {MIN_STEPS} where it can)"
-    )
+    per process), and rounded down to a multiple of the processes: a small run still takes
+    enough optimizer steps to learn. Returns (batch, why in words; '' for BATCH)."""
+    halved = BATCH
+    while math.ceil(n_train / halved) < MIN_STEPS and halved // 2 >= 16 * world:
+        halved //= 2
+    batch = halved - halved % world
+    reasons = []
+    if halved != BATCH:
+        steps = math.ceil(n_train / batch)
+        reasons.append(
+            f"so that an epoch of {n_train:,} images has {steps} steps (at least {MIN_STEPS} where it can)"
+        )
+    if batch != halved:
+        reasons.append(f"a multiple of the {world} processes")
+    return batch, f"batch {batch}, not {BATCH}, " + " and ".join(reasons) if reasons else ""
 
 
 CONFIG_FLAGS = {f.name for f in fields(TrainConfig)}
@@ -350,6 +356,12 @@ def make_fabric(config: TrainConfig, out: Path) -> Fabric:
     )
 
 
+def carry_best(source: Path, out: Path) -> None:
+    """A run resumed into another folder takes its best.pt along: later epochs may not beat it."""
+    if not (out / results.BEST).exists() and (source / results.BEST).exists():
+        save_checkpoint(load_checkpoint(source / results.BEST), out / results.BEST)
+
+
 def out_folder(args: dict, resumed: dict | None) -> Path:
     return Path(args.get("out") or (Path(args["resume"]).parent if resumed else "."))
 
@@ -360,6 +372,8 @@ def results_folder(fabric: Fabric, args: dict, resumed: dict | None) -> Iterator
     learns whether it could). Refused when another train.py holds it or when it holds a
     finished run; cleared on --overwrite."""
     out = out_folder(args, resumed)
+    if resumed and args.get("overwrite"):
+        raise UsageError("--overwrite would delete the run --resume continues; drop one of them")
     out.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as held:
         refusal = ""
@@ -381,6 +395,8 @@ def results_folder(fabric: Fabric, args: dict, resumed: dict | None) -> Iterator
             remove_stale_temporaries(out)
             if args.get("overwrite"):
                 results.remove_results(out)
+            if resumed:
+                carry_best(Path(args["resume"]).parent, out)
         fabric.barrier()
         yield out
 
@@ -538,15 +554,32 @@ class RunState:
 def restore(t: Training, ckpt: dict) -> RunState:
     t.net.load_state_dict(ckpt["model"])
     t.optimizer.load_state_dict(ckpt["optimizer"])
-    t.scheduler.load_state_dict(ckpt["scheduler"])
+    restore_schedule(t.scheduler, ckpt["scheduler"])
     if t.ema:
         t.ema.model.load_state_dict(ckpt["ema"])
     torch.set_rng_state(ckpt["rng"]["torch"])
     return RunState.from_checkpoint(ckpt)
 
 
+def restore_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, saved: dict) -> None:
+    """The schedule where the checkpoint left it. Runs written before the schedule was a
+    LambdaLR saved a OneCycleLR: their step count carries over onto this run's schedule."""
+    if "lr_lambdas" in saved:
+        scheduler.load_state_dict(saved)
+        return
+    scheduler.last_epoch = saved["last_epoch"]
+    lrs = [
+        base * factor(scheduler.last_epoch) for factor, base in zip(scheduler.lr_lambdas, scheduler.base_lrs)
+    ]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
 def best_rule(config: TrainConfig) -> str:
-    return "best validation accuracy" if config.val_split else "final weights"
+    if config.val_split:
+        return "best validation accuracy"
+    return "final weights (no --val-split: the test set never chooses the model)"
 
 
 def checkpoint(t: Training, state: RunState) -> dict:
@@ -651,9 +684,7 @@ def run_epoch(t: Training, state: RunState, stop: StopRequest) -> EpochEnd:
     bad_step = torch.tensor(-1, device=fabric.device)
     bar = progress_bar(t, state)
     timer = StepTimer(state.partial.seconds)
-    steps_to_log: list[
-        tuple[int, torch.Tensor, float]
-    ] = []  # (step of the run, loss, lr) since the last sync
+    steps_to_log: list[tuple[int, torch.Tensor, float]] = []  # (run step, loss, lr) since the last sync
     for step in range(state.step, t.steps_per_epoch):
         lr = t.scheduler.get_last_lr()[0]  # the rate this step uses
         x, y = training_batch(t.data.train, plan.rows(step), t.mean, t.std, t.config.cutout)
@@ -790,11 +821,16 @@ def fit(t: Training, state: RunState, stop: StopRequest) -> Outcome:
     return Outcome.FINISHED
 
 
-def run(t: Training, state: RunState) -> Outcome:
-    """fit(), with Ctrl-C turned into a clean stop and a lost peer into one line."""
+def run(t: Training, state: RunState, started: float) -> Outcome:
+    """fit(), then (finished) calibrate and summarise: with Ctrl-C turned into a clean stop and a
+    lost peer, at any collective, into one line."""
     try:
         with StopRequest() as stop:
-            return fit(t, state, stop)
+            outcome = fit(t, state, stop)
+        if outcome is Outcome.FINISHED:
+            calibration = calibrate(t) if t.config.val_split else None
+            write_summary(t, state, calibration, time.perf_counter() - started)
+        return outcome
     except RuntimeError as err:  # gloo/NCCL report a dead or silent peer this way
         if t.fabric.world_size == 1 or not lost_peer(err):
             raise
@@ -984,13 +1020,12 @@ def summarise(t: Training, state: RunState, total_s: float) -> dict:
     history = state.history
     train_s = sum(r["epoch_s"] for r in history)
     images = sum(r["img_per_s"] * r["epoch_s"] for r in history)
-    written = [results.LAST, results.BEST, results.METRICS, results.CURVES, results.REPORT, results.SUMMARY]
+    known = [results.LAST, results.BEST, results.METRICS, results.CURVES, results.REPORT, results.LOGS]
+    written = [name for name in known if (t.out / name).exists()] + [results.SUMMARY]
     return {
         "final_monitor_acc": history[-1]["monitor_acc"] if history else None,
         "monitor_set": t.data.monitor_name,
-        "best_rule": best_rule(t.config)
-        if t.config.val_split
-        else "final weights (no --val-split: the test set never chooses the model)",
+        "best_rule": best_rule(t.config),
         "best_monitor_acc": state.best_acc if t.config.val_split else None,
         "epochs": len(history),
         "total_s": total_s,
@@ -1054,14 +1089,13 @@ def main(argv: list[str] | None = None) -> int:
     fabric.launch()
     with results_folder(fabric, args, resumed) as out:
         data = load_training_data(config, fabric.device)
+        # evaluate.py and explain.py find a download from any folder: record where it went.
+        config = config if config.data else replace(config, data=os.path.abspath(DOWNLOADED[config.dataset]))
         config, chosen = config.for_data(len(data.train), fabric.world_size)
         t = build_training(fabric, config, data, out)
         state = restore(t, resumed) if resumed else RunState()
         print_plan(t, state, set(args), resumed and args["resume"], chosen)
-        outcome = run(t, state)
-        if outcome is Outcome.FINISHED:
-            calibration = calibrate(t) if config.val_split else None
-            write_summary(t, state, calibration, time.perf_counter() - started)
+        outcome = run(t, state, started)
     return EXIT_CODES[outcome]
 
 

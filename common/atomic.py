@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-TMP_GLOB = ".*.tmp*"  # what a killed writer can leave behind
+TMP_GLOB = ".*.tmp[0-9]*"  # what a killed writer can leave behind: .<name>.tmp<pid>
 
 
 @contextlib.contextmanager

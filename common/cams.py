@@ -50,8 +50,8 @@ class Method:
 
 
 def _sess(model, layers):
-    # 32x32 inputs: 6 scales from 32 to 77 px, 32x32 windows every 16 px; the fused map is
-    # blurred lightly (the library's 11x11, sigma 5 blur suits 224 px pictures).
+    # 32x32 inputs: 6 scales from 32 to 77 px, 32x32 windows every 16 px; the fused map is not
+    # blurred (the library's 11x11, sigma 5 blur suits 224 px pictures, not 32 px ones).
     return SESS(model, layers, base_method=GradCAM, num_scales=6, step_size=16, smooth=False, batch_size=64)
 
 

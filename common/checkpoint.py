@@ -60,16 +60,23 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return state
 
 
-WEIGHTS = ("scored", "trained", "ema")
+def weights_key(state: dict[str, Any], weights: str) -> str:
+    """The checkpoint key of "scored" (the weights the run scored and chose best.pt with: its
+    moving average when it kept one), "trained" or "ema" weights."""
+    scored = state.get("scored") or ("ema" if "ema" in state else "model")  # older runs: the same rule
+    return {"scored": scored, "trained": "model", "ema": "ema"}[weights]
+
+
+def temperature_for(state: dict[str, Any], weights: str) -> float | None:
+    """The calibration temperature, for the weights it was fitted on (the scored ones) only."""
+    fitted = state.get("temperature")
+    return fitted if fitted and weights_key(state, weights) == weights_key(state, "scored") else None
 
 
 def model_from_checkpoint(state: dict[str, Any], weights: str = "scored") -> ResNet18:
-    """Rebuild the plain model (no compile, no wrappers) in eval mode.
-
-    weights: "scored", the weights the run scored and chose best.pt with (its moving average
-    when trained with --ema); "trained", the optimizer's weights; "ema", their moving average.
-    """
-    key = {"scored": state.get("scored", "model"), "trained": "model", "ema": "ema"}[weights]
+    """Rebuild the plain model (no compile, no wrappers) in eval mode, with the "scored",
+    "trained" or "ema" weights (see weights_key)."""
+    key = weights_key(state, weights)
     if key not in state:
         raise CheckpointError("this checkpoint has no EMA weights (it was trained without --ema)")
     model = build_model(len(state["classes"]))

@@ -39,6 +39,11 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 DATASETS = ("cifar10", "cifar100")  # what torchvision downloads
 DEFAULT_DOWNLOAD_ROOT = "./data"
+# Where torchvision's download of each data set lands (a python-batches folder this loader reads).
+DOWNLOADED = {
+    "cifar10": f"{DEFAULT_DOWNLOAD_ROOT}/cifar-10-batches-py",
+    "cifar100": f"{DEFAULT_DOWNLOAD_ROOT}/cifar-100-python",
+}
 CACHE_FORMAT = 1  # bump when the cached tensors' layout changes
 
 
@@ -121,10 +126,10 @@ def _layout(path: Path):
     """(the loader, the folder it reads) for what `path` holds."""
     for candidate in (path, path / "cifar-10-batches-py"):
         if (candidate / "batches.meta").is_file() or (candidate / "test_batch").is_file():
-            return _load_splits_batches, candidate
+            return _load_cifar10_batches, candidate
     for candidate in (path, path / "cifar-100-python"):
         if (candidate / "meta").is_file() and (candidate / "test").is_file():
-            return _load_splits0_batches, candidate
+            return _load_cifar100_batches, candidate
     subdirs = [d for d in path.iterdir() if d.is_dir()]
     for root in [path, *subdirs[:1]] if len(subdirs) == 1 else [path]:  # one wrapper folder allowed
         if (root / "train").is_dir() and (root / "test").is_dir():
@@ -260,7 +265,7 @@ def _read_batches(files: list[Path], label_key: bytes, classes: list[str]) -> Da
     return Dataset(torch.from_numpy(np.concatenate(xs)), labels, classes)
 
 
-def _load_splits_batches(root: Path) -> Splits:
+def _load_cifar10_batches(root: Path) -> Splits:
     classes = _class_names(root / "batches.meta", b"label_names")
     train_files = sorted(root.glob("data_batch_*"))
     if not train_files:
@@ -270,7 +275,7 @@ def _load_splits_batches(root: Path) -> Splits:
     return Splits(train, test, f"CIFAR-10 python batches ({root})")
 
 
-def _load_splits0_batches(root: Path) -> Splits:
+def _load_cifar100_batches(root: Path) -> Splits:
     """CIFAR-100 with its 100 fine labels."""
     classes = _class_names(root / "meta", b"fine_label_names")
     train = _read_batches([root / "train"], b"fine_labels", classes)

@@ -21,19 +21,28 @@ LOCK_NAME = ".cifar-cam.lock"
 
 
 def _take(handle: IO, folder: Path, mode: int, advice: str) -> None:
-    """flock without waiting; a folder held by a training run is one line for the user."""
+    """flock without waiting; a folder another process holds is one line for the user."""
     try:
         fcntl.flock(handle, mode | fcntl.LOCK_NB)
     except BlockingIOError:
-        handle.seek(0)
-        pid = handle.read().strip()
-        holder = f"process {pid}" if pid else "another process"
-        raise UsageError(f"{folder} is in use by a running train.py ({holder}); {advice}") from None
+        raise UsageError(f"{folder} is in use by {_holder(handle)}; {advice}") from None
+
+
+def _holder(handle: IO) -> str:
+    """Who holds the lock: the training run whose pid is in the file, if it is alive, else an
+    evaluate.py or explain.py (they share the lock and write no pid)."""
+    handle.seek(0)
+    pid = handle.read().strip()
+    try:
+        os.kill(int(pid), 0)
+        return f"a running train.py (process {pid})"
+    except (ValueError, ProcessLookupError, PermissionError):
+        return "a running evaluate.py or explain.py"
 
 
 @contextlib.contextmanager
 def hold_folder(folder: Path) -> Iterator[None]:
-    """For train.py: hold the folder for the duration of the block."""
+    """For train.py: hold the folder, alone, for the duration of the block."""
     with open(folder / LOCK_NAME, "a+") as handle:
         _take(handle, folder, fcntl.LOCK_EX, "wait for it to finish, or pass --out to train elsewhere")
         handle.truncate(0)
@@ -42,8 +51,11 @@ def hold_folder(folder: Path) -> Iterator[None]:
         yield
 
 
-def refuse_if_training(folder: Path) -> None:
-    """For evaluate.py and explain.py: a folder that a training run holds is not written into."""
-    if (folder / LOCK_NAME).exists():
-        with open(folder / LOCK_NAME) as handle:
-            _take(handle, folder, fcntl.LOCK_SH, "pass --out to write the results elsewhere")
+@contextlib.contextmanager
+def share_folder(folder: Path) -> Iterator[None]:
+    """For evaluate.py and explain.py: write into the folder, for the duration of the block, only
+    if no training run holds it (and keep one from starting there meanwhile)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK_NAME, "a+") as handle:
+        _take(handle, folder, fcntl.LOCK_SH, "pass --out to write the results elsewhere")
+        yield

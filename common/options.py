@@ -33,6 +33,13 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {text}")
+    return value
+
+
 def positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -78,6 +85,11 @@ def add_weights_options(parser: argparse.ArgumentParser) -> None:
         "average when it was trained with --ema; trained: the optimizer's weights; ema: the average",
     )
     parser.add_argument("--ema", action="store_true", help="the same as --weights ema")
+
+
+def chosen_weights(args: argparse.Namespace) -> str:
+    """What --weights and --ema ask for: scored, trained or ema."""
+    return "ema" if args.ema else args.weights
 
 
 def command(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:

@@ -49,7 +49,7 @@ FILES = (
 )
 CAM_PICTURES = "gradcam*.png"  # one per explain.py run kind
 CAM_ARRAYS = "cams*.npz"  # cams.npz, or one cams_<method>_<layer>.npz per method and layer
-PATTERNS = (CAM_PICTURES, CAM_ARRAYS, f"{USER_PREFIX}*")
+PATTERNS = (CAM_PICTURES, CAM_ARRAYS, USER_PREFIX + CAM_PICTURES, USER_PREFIX + CAM_ARRAYS)
 
 
 def cams_file(method_layer: str | None, user: bool = False) -> str:
@@ -60,6 +60,12 @@ def cams_file(method_layer: str | None, user: bool = False) -> str:
 
 def cam_picture(user: bool = False) -> str:
     return USER_PREFIX + CAM_PICTURE if user else CAM_PICTURE
+
+
+def remove_cams(folder: Path, user: bool) -> None:
+    """An earlier explain.py's maps of the same kind: the explorer must not mix them in."""
+    for path in folder.glob(USER_PREFIX + CAM_ARRAYS if user else CAM_ARRAYS):
+        path.unlink(missing_ok=True)
 
 
 def remove_results(folder: Path) -> None:

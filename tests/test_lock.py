@@ -67,3 +67,15 @@ def test_a_killed_run_leaves_no_stale_lock(running_train, tiny_folder, train_fla
     args = ["--data", str(tiny_folder), *train_flags, "--epochs", "1", "--out", str(out), "--overwrite"]
     result = run_script("train.py", *args, timeout=300)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_folder_evaluate_writes_into_is_not_trained_in(
+    tmp_path, tiny_folder, train_flags, run_script, one_line_error
+):
+    from common.lock import share_folder
+
+    with share_folder(tmp_path):  # as evaluate.py and explain.py hold it while they write
+        result = run_script("train.py", "--data", str(tiny_folder), *train_flags, "--out", str(tmp_path))
+    assert result.returncode == 2
+    one_line_error(result.stderr, str(tmp_path), "evaluate.py or explain.py")
+    assert not (tmp_path / "last.pt").exists()

@@ -245,3 +245,31 @@ def test_a_small_run_says_what_it_chose_and_stores_it(tmp_path, tiny_folder, cap
     config = torch.load(tmp_path / "last.pt", weights_only=True)["config"]
     assert config["batch_size"] == 16 and config["lr"] == pytest.approx(train.LR_PER_BATCH * 16 / train.BATCH)
     assert "chosen    batch 16" in out and "peak lr" in out
+
+
+def test_a_checkpoint_from_before_the_restructuring_resumes(
+    tmp_path, tiny_folder, train_flags, ctrl_c_at, monkeypatch
+):
+    """last.pt as the earlier train.py wrote it: a OneCycleLR schedule, the epoch's running sums
+    as a list, a config without the newer settings, no `scored`."""
+    ctrl_c_at(5)
+    assert train.main(["--data", str(tiny_folder), *train_flags, "--out", str(tmp_path)]) == 130
+    monkeypatch.undo()
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    one_cycle = torch.optim.lr_scheduler.OneCycleLR(
+        torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), max_lr=0.1, total_steps=6
+    )
+    for _ in range(state["scheduler"]["last_epoch"]):
+        one_cycle.optimizer.step()
+        one_cycle.step()
+    partial = state["partial"]
+    state.update(
+        scheduler=one_cycle.state_dict(),
+        partial=[partial[k] for k in ("loss", "correct", "images", "seconds")],
+    )
+    for key in ("warmup", "lr_start", "lr_end", "decay_norms", "dataset", "logger"):
+        del state["config"][key]
+    del state["scored"]
+    torch.save(state, tmp_path / "last.pt")
+    assert train.main(["--resume", str(tmp_path / "last.pt")]) == 0
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 2
