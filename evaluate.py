@@ -29,9 +29,8 @@ from torchmetrics.classification import (
 
 from common import hardware, results
 from common.atomic import atomic_write
-from common.checkpoint import data_for, load_checkpoint, model_from_checkpoint, temperature_for
+from common.checkpoint import data_for, model_from_checkpoint, run_on_checkpoint, temperature_for
 from common.data import Dataset
-from common.lock import share_folder
 from common.options import (
     Parser,
     add_accelerator_option,
@@ -201,15 +200,11 @@ def print_summary(report: dict, m: dict, classes: list[str], pass_s: float, out:
 
 @command
 def main(argv: list[str] | None = None) -> int:
+    return run_on_checkpoint(parse_args(argv), run)
+
+
+def run(args, state: dict, out: Path) -> int:
     started = time.perf_counter()
-    args = parse_args(argv)
-    state = load_checkpoint(args.ckpt)
-    out = Path(args.out) if args.out else Path(args.ckpt).parent
-    with share_folder(out):  # refused while a training run holds the folder
-        return run(args, state, out, started)
-
-
-def run(args, state: dict, out: Path, started: float) -> int:
     splits = data_for(state, args.data)
     test, classes = splits.test, state["classes"]
 

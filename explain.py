@@ -46,9 +46,8 @@ from common.cams import (
     random_maps,
     road_scores,
 )
-from common.checkpoint import data_for, load_checkpoint, model_from_checkpoint, temperature_for
+from common.checkpoint import data_for, model_from_checkpoint, run_on_checkpoint, temperature_for
 from common.data import DataError, Dataset, normalize
-from common.lock import share_folder
 from common.options import (
     Parser,
     UsageError,
@@ -485,15 +484,11 @@ def print_tables(explained: list[dict], sampled: list[dict], seed: int) -> None:
 
 @command
 def main(argv: list[str] | None = None) -> int:
+    return run_on_checkpoint(parse_args(argv), run)
+
+
+def run(args, state: dict, out: Path) -> int:
     started = time.perf_counter()
-    args = parse_args(argv)
-    state = load_checkpoint(args.ckpt)
-    out = Path(args.out) if args.out else Path(args.ckpt).parent
-    with share_folder(out):  # refused while a training run holds the folder
-        return run(args, state, out, started)
-
-
-def run(args, state: dict, out: Path, started: float) -> int:
     methods = choose_methods(args.method, "auto") if args.method else ["auto"]
     targets = list(dict.fromkeys(args.target or TARGETS))
     if args.image and targets == ["true"]:

@@ -212,24 +212,14 @@ def parse_args(argv: list[str] | None) -> dict:
     recipe.add_argument(
         "--lr", type=positive_float, help=f"peak learning rate (default {LR_PER_BATCH} x batch/{BATCH})"
     )
-    recipe.add_argument(
-        "--warmup",
-        type=float,
-        metavar="SHARE",
-        help=f"share of the steps over which the lr rises to its peak (default {d.warmup})",
-    )
-    recipe.add_argument(
-        "--lr-start",
-        type=float,
-        metavar="SHARE",
-        help=f"the first step's lr, as a share of the peak (default {d.lr_start:g})",
-    )
-    recipe.add_argument(
-        "--lr-end",
-        type=float,
-        metavar="SHARE",
-        help=f"the last step's lr, as a share of the peak (default {d.lr_end:g})",
-    )
+    shares = {
+        "--warmup": "share of the steps over which the lr rises to its peak",
+        "--lr-start": "the first step's lr, as a share of the peak",
+        "--lr-end": "the last step's lr, as a share of the peak",
+    }
+    for flag, text in shares.items():
+        default = getattr(d, flag[2:].replace("-", "_"))
+        recipe.add_argument(flag, type=float, metavar="SHARE", help=f"{text} (default {default:g})")
     recipe.add_argument(
         "--weight-decay", type=float, metavar="WD", help=f"SGD weight decay (default {d.weight_decay})"
     )

@@ -13,6 +13,7 @@ import os
 import pickle
 import subprocess
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,18 @@ def data_for(state: dict[str, Any], override: str | None) -> Splits:
             f"{list(splits.test.classes)} ({splits.source})"
         )
     return splits
+
+
+def run_on_checkpoint(args: Any, run: Callable[[Any, dict[str, Any], Path], int]) -> int:
+    """evaluate.py's and explain.py's start: load --ckpt, choose --out (default: the checkpoint's
+    folder), and run(args, checkpoint, out) while holding that folder, which is refused while a
+    training run holds it."""
+    from common.lock import share_folder
+
+    state = load_checkpoint(args.ckpt)
+    out = Path(args.out) if args.out else Path(args.ckpt).parent
+    with share_folder(out):
+        return run(args, state, out)
 
 
 def library_versions() -> dict[str, str]:
