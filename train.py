@@ -70,8 +70,8 @@ from common.plots import plot_curves
 from common.predict import predict_probs
 from common.report import write_report
 
-BATCH = 512  # the default global batch on a full training set
-LR_PER_BATCH = 0.4  # the default peak lr at that batch, scaled linearly with the batch
+BATCH = 128  # the default global batch on a full training set (benchmarks/recipes.md)
+LR_PER_BATCH = 0.1  # the default peak lr at that batch, scaled linearly with the batch
 MIN_STEPS = 50  # optimizer steps per epoch below which the default batch is halved
 REFRESH_EVERY = 10  # steps between progress-bar refreshes, the only host syncs in an epoch
 LOGGERS = ("csv", "tensorboard", "none")
@@ -89,9 +89,9 @@ class TrainConfig:
     epochs: int = 20
     batch_size: int | None = None  # None: BATCH, or smaller for a small training set (batch_for)
     lr: float | None = None  # the peak; None: LR_PER_BATCH x batch_size / BATCH
-    warmup: float = 0.25  # share of the steps over which the lr rises to the peak
-    lr_start: float = 1 / 20  # the first step's lr, as a share of the peak
-    lr_end: float = 1 / 4000  # the last step's lr, as a share of the peak
+    warmup: float = 0.2  # share of the steps over which the lr rises to the peak
+    lr_start: float = 0.2  # the first step's lr, as a share of the peak
+    lr_end: float = 0.0  # the last step's lr, as a share of the peak
     weight_decay: float = 5e-4
     decay_norms: bool = True  # weight decay on BatchNorm weights and on biases too
     momentum: float = 0.9
