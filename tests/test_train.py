@@ -238,12 +238,24 @@ def test_default_batch_leaves_enough_steps(n_train, world, batch):
         assert f"{math.ceil(n_train / batch)} steps" in why
 
 
+@pytest.mark.parametrize(
+    "batch, factor",
+    [
+        pytest.param(train.BATCH, 1.0, id="the-tuned-batch-keeps-the-tuned-lr"),
+        pytest.param(train.BATCH // 4, 0.5, id="a-quarter-of-the-batch-half-the-lr"),
+        pytest.param(train.BATCH * 4, 2.0, id="four-times-the-batch-twice-the-lr"),
+    ],
+)
+def test_default_lr_follows_the_square_root_of_the_batch(batch, factor):
+    assert train.default_lr(batch) == pytest.approx(train.LR_PER_BATCH * factor)
+
+
 def test_a_small_run_says_what_it_chose_and_stores_it(tmp_path, tiny_folder, capsys):
     args = ["--data", str(tiny_folder), "--epochs", "1", "--precision", "32-true", "--out", str(tmp_path)]
     assert train.main(args) == 0
     out = capsys.readouterr().out
     config = torch.load(tmp_path / "last.pt", weights_only=True)["config"]
-    assert config["batch_size"] == 16 and config["lr"] == pytest.approx(train.LR_PER_BATCH * 16 / train.BATCH)
+    assert config["batch_size"] == 16 and config["lr"] == pytest.approx(train.default_lr(16))
     assert "chosen    batch 16" in out and "peak lr" in out
 
 
