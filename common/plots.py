@@ -37,7 +37,8 @@ def plot_curves(history: Sequence[dict], path: str | os.PathLike, monitor_name: 
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend()
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.xaxis.get_major_locator().set_params(integer=True, min_n_ticks=1)
+        ax.set_xlim(epochs[0] - 0.5, epochs[-1] + 0.5)  # whole epochs, even for a one-epoch run
     fig.suptitle("Training curves (train accuracy is on augmented images)", fontsize=10)
     _save(fig, path)
 
