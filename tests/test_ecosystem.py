@@ -22,7 +22,8 @@ def test_csv_logger_writes_every_step_and_epoch(tmp_path, tiny_folder, train_fla
     steps = [r for r in rows if r["train/loss"]]
     epochs = [r for r in rows if r["epoch/monitor_acc"]]
     assert [int(r["step"]) for r in steps] == list(range(6))  # 2 epochs x 3 steps, each logged
-    assert all(float(r["train/lr"]) > 0 for r in steps)
+    lrs = [float(r["train/lr"]) for r in steps]
+    assert max(lrs) > 0 and lrs[-1] == min(lrs)  # the schedule, logged step by step, ends at its lowest
     assert [r["epoch/epoch"] for r in epochs] == ["1", "2"]
     # metrics.csv keeps its own columns, one row per epoch
     assert len(list(csv.DictReader(open(tmp_path / "metrics.csv")))) == 2
