@@ -88,7 +88,7 @@ class TrainConfig:
 
     epochs: int = 20
     batch_size: int | None = None  # None: BATCH, or smaller for a small training set (batch_for)
-    lr: float | None = None  # the peak; None: LR_PER_BATCH x batch_size / BATCH
+    lr: float | None = None  # the peak; None: default_lr(batch_size)
     warmup: float = 0.2  # share of the steps over which the lr rises to the peak
     lr_start: float = 0.2  # the first step's lr, as a share of the peak
     lr_end: float = 0.0  # the last step's lr, as a share of the peak
