@@ -71,7 +71,7 @@ from common.predict import predict_probs
 from common.report import write_report
 
 BATCH = 128  # the default global batch on a full training set (benchmarks/recipes.md)
-LR_PER_BATCH = 0.1  # the default peak lr at that batch, scaled with the square root of the batch
+LR_PER_BATCH = 0.2  # the default peak lr at that batch, scaled with the square root of the batch
 MIN_STEPS = 50  # optimizer steps per epoch below which the default batch is halved
 REFRESH_EVERY = 10  # steps between progress-bar refreshes, the only host syncs in an epoch
 LOGGERS = ("csv", "tensorboard", "none")
@@ -96,7 +96,7 @@ class TrainConfig:
     decay_norms: bool = True  # weight decay on BatchNorm weights and on biases too
     momentum: float = 0.9
     label_smoothing: float = 0.1
-    cutout: int = 8
+    cutout: int = 0
     data: str | None = None  # None: torchvision's download of `dataset`
     dataset: str = "cifar10"  # what torchvision downloads: cifar10 or cifar100
     subset: int | None = None
