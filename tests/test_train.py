@@ -49,6 +49,16 @@ def test_checkpoint_is_plain_and_clean(trained_run, same_weights):
     same_weights(best["model"], state["model"])  # no --val-split: best.pt = final weights
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_gpu_checkpoint_loads_on_a_machine_without_one(tmp_path):
+    cuda = torch.device("cuda")
+    state = {"model": {"w": torch.ones(2, device=cuda)}, "history": [{"t": torch.zeros(1, device=cuda)}]}
+    train.save_checkpoint(state, tmp_path / "c.pt")
+    # What a plain torch.load without map_location needs on a CPU-only machine: no cuda tags.
+    loaded = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert loaded["model"]["w"].device.type == "cpu" and loaded["history"][0]["t"].device.type == "cpu"
+
+
 def test_run_writes_metrics_curves_and_summary(trained_run):
     rows = list(csv.DictReader(open(trained_run / "metrics.csv")))
     assert list(rows[0]) == [
