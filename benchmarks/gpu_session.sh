@@ -16,6 +16,8 @@
 # OUT gets session.log, runs.tgz (every run's logs, metrics and reports) and the seed-0 best.pt
 # without its optimizer state, in parts of 15 MB (cat them to rebuild it).
 # DATA, EXTRA (flags appended to every train.py run) and SLOTS change it for a dry run.
+# Ran once, 2026-11-26, on an H200 (README "Performance", benchmarks/recipes.md); the rows G2,
+# G8-G14 of recipes.md came from three short calls after it, the same variant() by hand.
 set -u
 OUT=${1:?usage: gpu_session.sh OUT [BUDGET_S]}
 BUDGET=${2:-560}
