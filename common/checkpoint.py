@@ -30,23 +30,14 @@ class CheckpointError(Exception):
     """A checkpoint that cannot be used: the message is one line meant for the user."""
 
 
-def on_cpu(value: Any) -> Any:
-    """`value` with every tensor in it moved to the CPU (dicts, lists and tuples walked)."""
-    if isinstance(value, torch.Tensor):
-        return value.cpu()
-    if isinstance(value, dict):
-        return {k: on_cpu(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(on_cpu(v) for v in value)
-    return value
-
-
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
     """Write atomically: a reader sees the old file or the new one, never a torn one. Tensors
     are written from the CPU: a checkpoint trained on a GPU (which torch.save would tag cuda:0)
     then loads with a plain `torch.load(path, weights_only=True)` on a machine without one."""
+    from lightning.fabric.utilities.apply_func import move_data_to_device  # train.py has it loaded
+
     with atomic_write(path, "wb") as f:
-        torch.save(on_cpu(state), f)
+        torch.save(move_data_to_device(state, "cpu"), f)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
