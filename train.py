@@ -75,6 +75,7 @@ LR_PER_BATCH = 0.2  # the default peak lr at that batch, scaled with the square 
 MIN_STEPS = 50  # optimizer steps per epoch below which the default batch is halved
 REFRESH_EVERY = 10  # steps between progress-bar refreshes, the only host syncs in an epoch
 LOGGERS = ("csv", "tensorboard", "none")
+FLIPS = ("random", "alternate")
 METRIC_COLUMNS = "epoch train_loss train_acc monitor_loss monitor_acc lr epoch_s img_per_s".split()
 
 
@@ -97,6 +98,7 @@ class TrainConfig:
     momentum: float = 0.9
     label_smoothing: float = 0.1
     cutout: int = 0
+    flip: str = "random"  # random: each image a coin toss per epoch; alternate: see plan_epoch
     data: str | None = None  # None: torchvision's download of `dataset`
     dataset: str = "cifar10"  # what torchvision downloads: cifar10 or cifar100
     subset: int | None = None
@@ -122,6 +124,7 @@ class TrainConfig:
             (0 <= self.lr_end <= 1, f"--lr-end must be in [0, 1], got {self.lr_end}"),
             (0 <= self.seed < 2**32, f"--seed must be in [0, 2**32), got {self.seed}"),
             (0 <= self.ema < 1, f"--ema must be in [0, 1), got {self.ema}"),
+            (self.flip in FLIPS, f"--flip must be one of {', '.join(FLIPS)}, got {self.flip}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -181,7 +184,14 @@ def batch_for(n_train: int, world: int) -> tuple[int, str]:
 
 CONFIG_FLAGS = {f.name for f in fields(TrainConfig)}
 # What runs written before these settings existed used: their --resume continues the same way.
-LEGACY = {"warmup": 0.25, "lr_start": 1 / 20, "lr_end": 1 / 4000, "decay_norms": True, "dataset": "cifar10"}
+LEGACY = {
+    "flip": "random",
+    "warmup": 0.25,
+    "lr_start": 1 / 20,
+    "lr_end": 1 / 4000,
+    "decay_norms": True,
+    "dataset": "cifar10",
+}
 RESUME_FREE = {"dist_timeout", "logger"}  # may change on --resume
 
 
@@ -245,6 +255,12 @@ def parse_args(argv: list[str] | None) -> dict:
         type=non_negative_int,
         metavar="PX",
         help=f"side of the square cut out of each image, 0 = off (default {d.cutout})",
+    )
+    recipe.add_argument(
+        "--flip",
+        choices=FLIPS,
+        help="horizontal flips: a coin toss per image and epoch, or alternate (random in the first "
+        f"epoch, then each image the other way round from its last epoch) (default {d.flip})",
     )
     recipe.add_argument(
         "--ema",
@@ -672,7 +688,9 @@ class EpochEnd:
 def run_epoch(t: Training, state: RunState, stop: StopRequest) -> EpochEnd:
     fabric, world = t.fabric, t.fabric.world_size
     # The whole epoch's order and augmentation, drawn from (seed, epoch); this rank's part.
-    plan = plan_epoch(len(t.data.train), t.config.batch_size, t.config.seed, state.epoch)
+    c = t.config
+    alternate = c.flip == "alternate"
+    plan = plan_epoch(len(t.data.train), c.batch_size, c.seed, state.epoch, alternate_flip=alternate)
     plan = plan.shard(fabric.global_rank, world).to(fabric.device)
     restored = state.partial if fabric.is_global_zero else EpochSums()  # the saved sums are over all ranks
     sums = torch.tensor([restored.loss, restored.correct], device=fabric.device, dtype=torch.float64)
@@ -977,7 +995,7 @@ def print_plan(
     p(
         f"optimizer SGD Nesterov, momentum {c.momentum}, weight decay {c.weight_decay:g}"
         f"{'' if c.decay_norms else ' (not on BatchNorm and biases)'}, label smoothing {c.label_smoothing}, "
-        f"cutout {c.cutout}px{f', EMA of the weights {c.ema}' if c.ema else ''}"
+        f"cutout {c.cutout}px, {c.flip} flips{f', EMA of the weights {c.ema}' if c.ema else ''}"
     )
     p("model     CIFAR ResNet-18, parameters per module:\n" + "\n".join(summary_lines(t.net)))
     if chosen:

@@ -48,12 +48,20 @@ class EpochPlan:
 
 
 def plan_epoch(
-    n_images: int, global_batch: int, seed: int, epoch: int, pad: int = 4, size: int = 32
+    n_images: int,
+    global_batch: int,
+    seed: int,
+    epoch: int,
+    pad: int = 4,
+    size: int = 32,
+    alternate_flip: bool = False,
 ) -> EpochPlan:
     """Shuffle and draw augmentation for one epoch.
 
     The order is padded by wrapping around so every step has exactly `global_batch` images
     (as DistributedSampler pads): the last batch is never a stub of a few images.
+    With `alternate_flip` (airbench's derandomised flip) each image is flipped at random in
+    epoch 0 and then every other epoch: any two consecutive epochs show it both ways round.
     """
     gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
     steps = -(-n_images // global_batch)
@@ -62,6 +70,9 @@ def plan_epoch(
     n = len(order)
     shift = torch.randint(0, 2 * pad + 1, (n, 2), generator=gen)
     flip = torch.rand(n, generator=gen) < 0.5
+    if alternate_flip:  # drawn once per run, from the seed alone; crops and cutout stay as drawn
+        first = torch.rand(n_images, generator=torch.Generator().manual_seed(seed)) < 0.5
+        flip = first[order] ^ bool(epoch % 2)
     cutout = torch.randint(0, size, (n, 2), generator=gen)
     return EpochPlan(order, shift, flip, cutout, global_batch)
 
