@@ -44,3 +44,18 @@ def test_shards_are_disjoint_and_make_up_each_global_batch():
         rows = [s.order[step * 4 : (step + 1) * 4] for s in shards]
         assert set(rows[0].tolist()).isdisjoint(rows[1].tolist())
         assert sorted(torch.cat(rows).tolist()) == sorted(plan.order[step * 8 : (step + 1) * 8].tolist())
+
+
+def flips_by_image(plan, n_images: int) -> torch.Tensor:
+    flipped = torch.zeros(n_images, dtype=torch.bool)
+    flipped[plan.order] = plan.flip
+    return flipped
+
+
+def test_alternate_flip_shows_each_image_both_ways_in_consecutive_epochs():
+    plans = [plan_epoch(64, 16, seed=5, epoch=e, alternate_flip=True) for e in range(3)]
+    flips = [flips_by_image(p, 64) for p in plans]
+    assert 0.2 < flips[0].float().mean() < 0.8  # the first epoch is still a coin toss per image
+    assert (flips[0] ^ flips[1]).all() and (flips[1] ^ flips[2]).all()
+    random = plan_epoch(64, 16, seed=5, epoch=1)  # only the flips differ from the random plan
+    assert torch.equal(random.order, plans[1].order) and torch.equal(random.shift, plans[1].shift)
