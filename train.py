@@ -98,6 +98,7 @@ class TrainConfig:
     momentum: float = 0.9
     label_smoothing: float = 0.1
     cutout: int = 0
+    crop_pad: int = 4  # zero padding before the random crop: shifts of up to this many pixels
     flip: str = "random"  # random: each image a coin toss per epoch; alternate: see plan_epoch
     data: str | None = None  # None: torchvision's download of `dataset`
     dataset: str = "cifar10"  # what torchvision downloads: cifar10 or cifar100
@@ -185,6 +186,7 @@ def batch_for(n_train: int, world: int) -> tuple[int, str]:
 CONFIG_FLAGS = {f.name for f in fields(TrainConfig)}
 # What runs written before these settings existed used: their --resume continues the same way.
 LEGACY = {
+    "crop_pad": 4,
     "flip": "random",
     "warmup": 0.25,
     "lr_start": 1 / 20,
@@ -255,6 +257,13 @@ def parse_args(argv: list[str] | None) -> dict:
         type=non_negative_int,
         metavar="PX",
         help=f"side of the square cut out of each image, 0 = off (default {d.cutout})",
+    )
+    recipe.add_argument(
+        "--crop-pad",
+        type=non_negative_int,
+        metavar="PX",
+        help="zero padding around each image before the random 32x32 crop, i.e. shifts of up to "
+        f"PX pixels, 0 = no crop (default {d.crop_pad})",
     )
     recipe.add_argument(
         "--flip",
@@ -631,10 +640,11 @@ def save(t: Training, name: str, state: RunState) -> None:
 
 
 def training_batch(
-    train: Dataset, rows: EpochPlan, mean: torch.Tensor, std: torch.Tensor, cutout: int
+    train: Dataset, rows: EpochPlan, mean: torch.Tensor, std: torch.Tensor, config: TrainConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The augmented, normalised batch that `rows` picks from the device-resident set."""
-    x = augment(train.images[rows.order], rows.shift, rows.flip, rows.cutout, cutout_size=cutout)
+    images = train.images[rows.order]
+    x = augment(images, rows.shift, rows.flip, rows.cutout, pad=config.crop_pad, cutout_size=config.cutout)
     x = normalize(x, mean, std).contiguous(memory_format=torch.channels_last)
     return x, train.labels[rows.order]
 
@@ -690,7 +700,9 @@ def run_epoch(t: Training, state: RunState, stop: StopRequest) -> EpochEnd:
     # The whole epoch's order and augmentation, drawn from (seed, epoch); this rank's part.
     c = t.config
     alternate = c.flip == "alternate"
-    plan = plan_epoch(len(t.data.train), c.batch_size, c.seed, state.epoch, alternate_flip=alternate)
+    plan = plan_epoch(
+        len(t.data.train), c.batch_size, c.seed, state.epoch, pad=c.crop_pad, alternate_flip=alternate
+    )
     plan = plan.shard(fabric.global_rank, world).to(fabric.device)
     restored = state.partial if fabric.is_global_zero else EpochSums()  # the saved sums are over all ranks
     sums = torch.tensor([restored.loss, restored.correct], device=fabric.device, dtype=torch.float64)
@@ -701,7 +713,7 @@ def run_epoch(t: Training, state: RunState, stop: StopRequest) -> EpochEnd:
     steps_to_log: list[tuple[int, torch.Tensor, float]] = []  # (run step, loss, lr) since the last sync
     for step in range(state.step, t.steps_per_epoch):
         lr = t.scheduler.get_last_lr()[0]  # the rate this step uses
-        x, y = training_batch(t.data.train, plan.rows(step), t.mean, t.std, t.config.cutout)
+        x, y = training_batch(t.data.train, plan.rows(step), t.mean, t.std, t.config)
         loss, correct = train_step(fabric, t.model, t.optimizer, t.scheduler, x, y, t.config.label_smoothing)
         sums += torch.stack([loss * plan.batch, correct])  # on the device: no host sync
         images += plan.batch
@@ -995,7 +1007,8 @@ def print_plan(
     p(
         f"optimizer SGD Nesterov, momentum {c.momentum}, weight decay {c.weight_decay:g}"
         f"{'' if c.decay_norms else ' (not on BatchNorm and biases)'}, label smoothing {c.label_smoothing}, "
-        f"cutout {c.cutout}px, {c.flip} flips{f', EMA of the weights {c.ema}' if c.ema else ''}"
+        f"crops padded by {c.crop_pad}px, cutout {c.cutout}px, {c.flip} flips"
+        f"{f', EMA of the weights {c.ema}' if c.ema else ''}"
     )
     p("model     CIFAR ResNet-18, parameters per module:\n" + "\n".join(summary_lines(t.net)))
     if chosen:

@@ -78,7 +78,7 @@ def main() -> None:
     synthetic = Dataset(images, labels, [str(c) for c in range(10)]).to(device)
     mean, std = torch.tensor(CIFAR10_MEAN, device=device), torch.tensor(CIFAR10_STD, device=device)
     first = plan_epoch(n_images, batch, seed=0, epoch=0).to(device).rows(0)
-    fixed_x, fixed_y = train.training_batch(synthetic, first, mean, std, config.cutout)
+    fixed_x, fixed_y = train.training_batch(synthetic, first, mean, std, config)
 
     def sync() -> None:
         if on_gpu:
@@ -104,7 +104,7 @@ def main() -> None:
         sync()
         start = time.perf_counter()
         for step in range(steps):
-            x, y = train.training_batch(synthetic, plan.rows(step), mean, std, config.cutout)
+            x, y = train.training_batch(synthetic, plan.rows(step), mean, std, config)
             loss, correct = train.train_step(
                 fabric, model, optimizer, scheduler, x, y, config.label_smoothing
             )
