@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from common.augment import augment, plan_epoch
@@ -59,3 +60,17 @@ def test_alternate_flip_shows_each_image_both_ways_in_consecutive_epochs():
     assert (flips[0] ^ flips[1]).all() and (flips[1] ^ flips[2]).all()
     random = plan_epoch(64, 16, seed=5, epoch=1)  # only the flips differ from the random plan
     assert torch.equal(random.order, plans[1].order) and torch.equal(random.shift, plans[1].shift)
+
+
+@pytest.mark.parametrize("pad", [0, 2, 4])
+def test_crop_pad_bounds_the_shift(pad):
+    plan = plan_epoch(200, 50, seed=1, epoch=0, pad=pad)
+    assert plan.shift.min() == 0 and plan.shift.max() == 2 * pad  # every offset in [0, 2 * pad] drawn
+    images = torch.randint(1, 255, (4, 3, 32, 32), dtype=torch.uint8)
+    rows = plan.rows(0)
+    out = augment(
+        images, rows.shift[:4], torch.zeros(4, dtype=torch.bool), rows.cutout[:4], pad=pad, cutout_size=0
+    )
+    centred = (rows.shift[:4] == pad).all(1)  # offset (pad, pad) is the image itself
+    assert all(torch.equal(out[i], images[i]) for i in range(4) if centred[i])
+    assert out.shape == images.shape and (pad > 0 or torch.equal(out, images))
