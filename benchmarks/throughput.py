@@ -77,7 +77,7 @@ def main() -> None:
     labels = torch.randint(0, 10, (n_images,), generator=gen)
     synthetic = Dataset(images, labels, [str(c) for c in range(10)]).to(device)
     mean, std = torch.tensor(CIFAR10_MEAN, device=device), torch.tensor(CIFAR10_STD, device=device)
-    first = plan_epoch(n_images, batch, seed=0, epoch=0).to(device).rows(0)
+    first = plan_epoch(n_images, batch, seed=0, epoch=0, pad=config.crop_pad).to(device).rows(0)
     fixed_x, fixed_y = train.training_batch(synthetic, first, mean, std, config)
 
     def sync() -> None:
@@ -98,7 +98,7 @@ def main() -> None:
     epoch = [0]
 
     def train_block() -> float:
-        plan = plan_epoch(n_images, batch, seed=0, epoch=epoch[0]).to(device)
+        plan = plan_epoch(n_images, batch, seed=0, epoch=epoch[0], pad=config.crop_pad).to(device)
         epoch[0] += 1
         totals = torch.zeros(2, device=device, dtype=torch.float64)
         sync()
