@@ -98,7 +98,7 @@ class TrainConfig:
     momentum: float = 0.9
     label_smoothing: float = 0.1
     cutout: int = 0
-    crop_pad: int = 2  # zero padding before the random crop: shifts of up to this many pixels
+    crop_pad: int = 4  # zero padding before the random crop: shifts of up to this many pixels
     flip: str = "random"  # random: each image a coin toss per epoch; alternate: see plan_epoch
     data: str | None = None  # None: torchvision's download of `dataset`
     dataset: str = "cifar10"  # what torchvision downloads: cifar10 or cifar100
