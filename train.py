@@ -644,7 +644,7 @@ def training_batch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The augmented, normalised batch that `rows` picks from the device-resident set."""
     images = train.images[rows.order]
-    x = augment(images, rows.shift, rows.flip, rows.cutout, pad=config.crop_pad, cutout_size=config.cutout)
+    x = augment(images, rows, cutout_size=config.cutout)
     x = normalize(x, mean, std).contiguous(memory_format=torch.channels_last)
     return x, train.labels[rows.order]
 

@@ -9,7 +9,7 @@ replays the same epoch exactly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -23,16 +23,19 @@ class EpochPlan:
     flip: torch.Tensor  # bool (steps*batch,)
     cutout: torch.Tensor  # int64 (steps*batch, 2), cutout centres in [0, 32)
     batch: int  # images per step in these rows
+    pad: int  # the zero padding the shifts were drawn for: augment pads by exactly this
+
+    def _map(self, fn, batch: int | None = None) -> EpochPlan:
+        order, shift, flip, cutout = (fn(t) for t in (self.order, self.shift, self.flip, self.cutout))
+        return replace(self, order=order, shift=shift, flip=flip, cutout=cutout, batch=batch or self.batch)
 
     def to(self, device: torch.device) -> EpochPlan:
-        return EpochPlan(
-            *(t.to(device) for t in (self.order, self.shift, self.flip, self.cutout)), self.batch
-        )
+        return self._map(lambda t: t.to(device))
 
     def rows(self, step: int) -> EpochPlan:
         """The rows of one step."""
         part = slice(step * self.batch, (step + 1) * self.batch)
-        return EpochPlan(*(t[part] for t in (self.order, self.shift, self.flip, self.cutout)), self.batch)
+        return self._map(lambda t: t[part])
 
     def shard(self, rank: int, world: int) -> EpochPlan:
         """This rank's rows: each global batch is cut into `world` consecutive pieces."""
@@ -42,9 +45,7 @@ class EpochPlan:
             t = t.view(steps, world, self.batch // world, *t.shape[1:])[:, rank]
             return t.reshape(-1, *t.shape[2:])
 
-        return EpochPlan(
-            *(mine(t) for t in (self.order, self.shift, self.flip, self.cutout)), self.batch // world
-        )
+        return self._map(mine, batch=self.batch // world)
 
 
 def plan_epoch(
@@ -74,21 +75,16 @@ def plan_epoch(
         first = torch.rand(n_images, generator=torch.Generator().manual_seed(seed)) < 0.5
         flip = first[order] ^ bool(epoch % 2)
     cutout = torch.randint(0, size, (n, 2), generator=gen)
-    return EpochPlan(order, shift, flip, cutout, global_batch)
+    return EpochPlan(order, shift, flip, cutout, global_batch, pad)
 
 
-def augment(
-    images: torch.Tensor,
-    shift: torch.Tensor,
-    flip: torch.Tensor,
-    cutout: torch.Tensor,
-    pad: int = 4,
-    cutout_size: int = 8,
-) -> torch.Tensor:
-    """Crop (after zero padding), flip and cut out, each sample with its own parameters.
+def augment(images: torch.Tensor, rows: EpochPlan, cutout_size: int = 8) -> torch.Tensor:
+    """Crop (after zero padding by `rows.pad`), flip and cut out, each sample with its own
+    parameters, the ones `rows` holds for it.
 
     images: (B,C,H,W) of any dtype on any device; returns the same shape and dtype.
     """
+    shift, flip, cutout, pad = rows.shift, rows.flip, rows.cutout, rows.pad
     b, c, h, w = images.shape
     device = images.device
     if pad > 0:

@@ -1,14 +1,20 @@
 import pytest
 import torch
 
-from common.augment import augment, plan_epoch
+from common.augment import EpochPlan, augment, plan_epoch
+
+
+def rows_of(shift: torch.Tensor, flip: torch.Tensor, cutout: torch.Tensor, pad: int) -> EpochPlan:
+    """One step's rows with these augmentation parameters."""
+    n = len(shift)
+    return EpochPlan(torch.arange(n), shift, flip, cutout, n, pad)
 
 
 def test_crop_and_flip_are_per_sample():
     images = torch.arange(4 * 3 * 32 * 32, dtype=torch.int64).view(4, 3, 32, 32) % 251 + 1
     shift = torch.tensor([[0, 0], [4, 4], [8, 1], [2, 7]])
     flip = torch.tensor([False, False, True, True])
-    out = augment(images, shift, flip, torch.zeros(4, 2, dtype=torch.int64), pad=4, cutout_size=0)
+    out = augment(images, rows_of(shift, flip, torch.zeros(4, 2, dtype=torch.int64), pad=4), cutout_size=0)
     padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
     for i in range(4):
         dy, dx = shift[i].tolist()
@@ -23,7 +29,9 @@ def test_crop_and_flip_are_per_sample():
 def test_cutout_blanks_one_square_per_sample():
     images = torch.full((2, 3, 32, 32), 200, dtype=torch.uint8)
     centres = torch.tensor([[10, 10], [0, 31]])
-    out = augment(images, torch.full((2, 2), 4), torch.tensor([False, False]), centres, cutout_size=8)
+    out = augment(
+        images, rows_of(torch.full((2, 2), 4), torch.tensor([False, False]), centres, pad=4), cutout_size=8
+    )
     assert (out[0, :, 6:14, 6:14] == 0).all() and (out[0] == 0).sum() == 3 * 64
     assert (out[1, 0, :4, 27:] == 0).all() and (out[1] == 0).sum() == 3 * 4 * 5  # clipped at the corner
     assert out.dtype == torch.uint8
@@ -68,9 +76,8 @@ def test_crop_pad_bounds_the_shift(pad):
     assert plan.shift.min() == 0 and plan.shift.max() == 2 * pad  # every offset in [0, 2 * pad] drawn
     images = torch.randint(1, 255, (4, 3, 32, 32), dtype=torch.uint8)
     rows = plan.rows(0)
-    out = augment(
-        images, rows.shift[:4], torch.zeros(4, dtype=torch.bool), rows.cutout[:4], pad=pad, cutout_size=0
-    )
-    centred = (rows.shift[:4] == pad).all(1)  # offset (pad, pad) is the image itself
+    rows = rows_of(rows.shift[:4], torch.zeros(4, dtype=torch.bool), rows.cutout[:4], rows.pad)
+    out = augment(images, rows, cutout_size=0)
+    centred = (rows.shift == pad).all(1)  # offset (pad, pad) is the image itself
     assert all(torch.equal(out[i], images[i]) for i in range(4) if centred[i])
     assert out.shape == images.shape and (pad > 0 or torch.equal(out, images))
