@@ -73,6 +73,7 @@ from common.report import write_report
 BATCH = 128  # the default global batch on a full training set (benchmarks/recipes.md)
 LR_PER_BATCH = 0.2  # the default peak lr at that batch, scaled with the square root of the batch
 MIN_STEPS = 50  # optimizer steps per epoch below which the default batch is halved
+PAD_FULL, PAD_SMALL = 2, 4  # default crop padding on a full-size and on a small training set
 REFRESH_EVERY = 10  # steps between progress-bar refreshes, the only host syncs in an epoch
 LOGGERS = ("csv", "tensorboard", "none")
 FLIPS = ("random", "alternate")
@@ -98,7 +99,7 @@ class TrainConfig:
     momentum: float = 0.9
     label_smoothing: float = 0.1
     cutout: int = 0
-    crop_pad: int = 4  # zero padding before the random crop: shifts of up to this many pixels
+    crop_pad: int | None = None  # padding before the random crop; None: PAD_FULL, PAD_SMALL on a small_set
     flip: str = "random"  # random: each image a coin toss per epoch; alternate: see plan_epoch
     data: str | None = None  # None: torchvision's download of `dataset`
     dataset: str = "cifar10"  # what torchvision downloads: cifar10 or cifar100
@@ -148,20 +149,33 @@ class TrainConfig:
         return replace(self, accelerator=accelerator, precision=precision, compile=compile_model)
 
     def for_data(self, n_train: int, world: int) -> tuple[TrainConfig, str]:
-        """The batch and lr the user left to us, for this training set: (config, why, in words)."""
+        """The batch, lr and crop padding the user left to us, for this training set:
+        (config, why, in words)."""
         batch, why = (self.batch_size, "") if self.batch_size else batch_for(n_train, world)
         if batch % world:
             raise UsageError(f"--batch-size {batch} must divide evenly over {world} processes")
         lr = default_lr(batch) if self.lr is None else self.lr
         if self.lr is None and batch != BATCH:
             why += f"{'; ' if why else ''}peak lr {lr:.3g}, {LR_PER_BATCH:g} x sqrt(batch/{BATCH})"
-        return replace(self, batch_size=batch, lr=lr), why
+        pad = self.crop_pad
+        if pad is None:
+            pad = PAD_SMALL if small_set(n_train) else PAD_FULL
+            if pad != PAD_FULL:
+                why += f"{'; ' if why else ''}crops padded by {pad} px, not {PAD_FULL}, on a set this small"
+        return replace(self, batch_size=batch, lr=lr, crop_pad=pad), why
 
 
 def default_lr(batch: int) -> float:
     """LR_PER_BATCH scaled with the square root of the batch: on the smoke run (2,000 images,
     batch 32) it learned more than linear scaling did (benchmarks/recipes.md)."""
     return LR_PER_BATCH * math.sqrt(batch / BATCH)
+
+
+def small_set(n_train: int) -> bool:
+    """Fewer than MIN_STEPS steps per epoch at BATCH. Such a set overfits sooner: it gets the
+    wider crop shifts (PAD_SMALL), which the smoke run (2,000 images) learned more with, while
+    a full set at a short budget underfits and learned more with PAD_FULL (benchmarks/recipes.md)."""
+    return math.ceil(n_train / BATCH) < MIN_STEPS
 
 
 def batch_for(n_train: int, world: int) -> tuple[int, str]:
@@ -263,7 +277,8 @@ def parse_args(argv: list[str] | None) -> dict:
         type=non_negative_int,
         metavar="PX",
         help="zero padding around each image before the random 32x32 crop, i.e. shifts of up to "
-        f"PX pixels, 0 = no crop (default {d.crop_pad})",
+        f"PX pixels, 0 = no crop (default {PAD_FULL}; {PAD_SMALL} on a set of under "
+        f"{BATCH * (MIN_STEPS - 1) + 1:,} images)",
     )
     recipe.add_argument(
         "--flip",

@@ -262,13 +262,32 @@ def test_default_lr_follows_the_square_root_of_the_batch(batch, factor):
     assert train.default_lr(batch) == pytest.approx(train.LR_PER_BATCH * factor)
 
 
+@pytest.mark.parametrize(
+    "n_train, asked, pad",
+    [
+        pytest.param(50_000, None, train.PAD_FULL, id="full-data-narrow-shifts"),
+        pytest.param(
+            train.BATCH * (train.MIN_STEPS - 1) + 1, None, train.PAD_FULL, id="smallest-full-size-set"
+        ),
+        pytest.param(train.BATCH * (train.MIN_STEPS - 1), None, train.PAD_SMALL, id="largest-small-set"),
+        pytest.param(2_000, None, train.PAD_SMALL, id="smoke-run-2000-images"),
+        pytest.param(2_000, 3, 3, id="a-chosen-padding-stays"),
+    ],
+)
+def test_default_crop_padding_follows_the_set_size(n_train, asked, pad):
+    config, why = train.TrainConfig(crop_pad=asked).for_data(n_train, world=1)
+    assert config.crop_pad == pad
+    assert (f"crops padded by {pad} px" in why) == (asked is None and pad != train.PAD_FULL)
+
+
 def test_a_small_run_says_what_it_chose_and_stores_it(tmp_path, tiny_folder, capsys):
     args = ["--data", str(tiny_folder), "--epochs", "1", "--precision", "32-true", "--out", str(tmp_path)]
     assert train.main(args) == 0
     out = capsys.readouterr().out
     config = torch.load(tmp_path / "last.pt", weights_only=True)["config"]
     assert config["batch_size"] == 16 and config["lr"] == pytest.approx(train.default_lr(16))
-    assert "chosen    batch 16" in out and "peak lr" in out
+    assert config["crop_pad"] == train.PAD_SMALL
+    assert "chosen    batch 16" in out and "peak lr" in out and f"crops padded by {train.PAD_SMALL} px" in out
 
 
 def test_a_checkpoint_from_before_the_restructuring_resumes(
