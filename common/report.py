@@ -143,7 +143,7 @@ def _header(summary: dict, evaluation: dict) -> str:
     run = _facts(
         [
             (f"final {monitor} accuracy ", s.get("final_monitor_acc"), "%", ""),
-            ("", s.get("epochs"), "{:.0f}", " epochs"),
+            ("", s.get("epochs"), "{:.0f}", " epoch" if s.get("epochs") == 1 else " epochs"),
             ("", s.get("total_s"), "{:.1f}", " s in all"),
             ("", s.get("img_per_s"), "{:,.0f}", " img/s"),
             ("best.pt: ", s.get("best_rule"), None, ""),

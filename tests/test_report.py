@@ -258,6 +258,12 @@ def test_empty_folder_gives_a_valid_page(tmp_path: Path):
     assert os.listdir(tmp_path) == ["report.html"]
 
 
+@pytest.mark.parametrize("epochs, says", [(1, "<b>1</b> epoch ·"), (2, "<b>2</b> epochs ·")])
+def test_header_counts_epochs_in_words(tmp_path: Path, epochs: int, says: str):
+    (tmp_path / "summary.json").write_text(json.dumps({"epochs": epochs, "total_s": 1.0}))
+    assert says in write_report(str(tmp_path)).read_text(encoding="utf-8")
+
+
 def test_broken_files_leave_their_sections_out(full_run: Path):
     (full_run / "evaluation.json").write_text('{"accuracy": 0.5, "per_cl')  # cut off mid-write
     (full_run / "summary.json").write_text("[1, 2]")  # not an object
