@@ -73,6 +73,7 @@ from common.report import write_report
 BATCH = 128  # the default global batch on a full training set (benchmarks/recipes.md)
 LR_PER_BATCH = 0.2  # the default peak lr at that batch, scaled with the square root of the batch
 MIN_STEPS = 50  # optimizer steps per epoch below which the default batch is halved
+SMALL_SET = BATCH * (MIN_STEPS - 1) + 1  # sets of fewer images have < MIN_STEPS steps at BATCH
 PAD_FULL, PAD_SMALL = 2, 4  # default crop padding on a full-size and on a small training set
 REFRESH_EVERY = 10  # steps between progress-bar refreshes, the only host syncs in an epoch
 LOGGERS = ("csv", "tensorboard", "none")
@@ -172,10 +173,11 @@ def default_lr(batch: int) -> float:
 
 
 def small_set(n_train: int) -> bool:
-    """Fewer than MIN_STEPS steps per epoch at BATCH. Such a set overfits sooner: it gets the
-    wider crop shifts (PAD_SMALL), which the smoke run (2,000 images) learned more with, while
-    a full set at a short budget underfits and learned more with PAD_FULL (benchmarks/recipes.md)."""
-    return math.ceil(n_train / BATCH) < MIN_STEPS
+    """Under SMALL_SET images, i.e. fewer than MIN_STEPS steps per epoch at BATCH. Such a set
+    overfits sooner: it gets the wider crop shifts (PAD_SMALL), which the smoke run (2,000
+    images) learned more with, while a full set at a short budget underfits and learned more
+    with PAD_FULL (benchmarks/recipes.md)."""
+    return n_train < SMALL_SET
 
 
 def batch_for(n_train: int, world: int) -> tuple[int, str]:
@@ -277,8 +279,7 @@ def parse_args(argv: list[str] | None) -> dict:
         type=non_negative_int,
         metavar="PX",
         help="zero padding around each image before the random 32x32 crop, i.e. shifts of up to "
-        f"PX pixels, 0 = no crop (default {PAD_FULL}; {PAD_SMALL} on a set of under "
-        f"{BATCH * (MIN_STEPS - 1) + 1:,} images)",
+        f"PX pixels, 0 = no crop (default {PAD_FULL}; {PAD_SMALL} on a set of under {SMALL_SET:,} images)",
     )
     recipe.add_argument(
         "--flip",

@@ -266,10 +266,8 @@ def test_default_lr_follows_the_square_root_of_the_batch(batch, factor):
     "n_train, asked, pad",
     [
         pytest.param(50_000, None, train.PAD_FULL, id="full-data-narrow-shifts"),
-        pytest.param(
-            train.BATCH * (train.MIN_STEPS - 1) + 1, None, train.PAD_FULL, id="smallest-full-size-set"
-        ),
-        pytest.param(train.BATCH * (train.MIN_STEPS - 1), None, train.PAD_SMALL, id="largest-small-set"),
+        pytest.param(6_273, None, train.PAD_FULL, id="smallest-full-size-set-49-steps-and-one-image"),
+        pytest.param(6_272, None, train.PAD_SMALL, id="largest-small-set-49-steps-of-128"),
         pytest.param(2_000, None, train.PAD_SMALL, id="smoke-run-2000-images"),
         pytest.param(2_000, 3, 3, id="a-chosen-padding-stays"),
     ],
