@@ -89,11 +89,11 @@ def augment(images: torch.Tensor, rows: EpochPlan, cutout_size: int = 8) -> torc
     device = images.device
     if pad > 0:
         padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
-        rows = (shift[:, 0:1] + torch.arange(h, device=device)).view(b, 1, h, 1)
-        cols = (shift[:, 1:2] + torch.arange(w, device=device)).view(b, 1, 1, w)
+        row_idx = (shift[:, 0:1] + torch.arange(h, device=device)).view(b, 1, h, 1)
+        col_idx = (shift[:, 1:2] + torch.arange(w, device=device)).view(b, 1, 1, w)
         batch_idx = torch.arange(b, device=device).view(b, 1, 1, 1)
         chan_idx = torch.arange(c, device=device).view(1, c, 1, 1)
-        images = padded[batch_idx, chan_idx, rows, cols]
+        images = padded[batch_idx, chan_idx, row_idx, col_idx]
     images = torch.where(flip.view(b, 1, 1, 1), images.flip(-1), images)
     if cutout_size > 0:
         ys = torch.arange(h, device=device).view(1, h, 1)
