@@ -155,15 +155,16 @@ class TrainConfig:
         batch, why = (self.batch_size, "") if self.batch_size else batch_for(n_train, world)
         if batch % world:
             raise UsageError(f"--batch-size {batch} must divide evenly over {world} processes")
+        reasons = [why] if why else []
         lr = default_lr(batch) if self.lr is None else self.lr
         if self.lr is None and batch != BATCH:
-            why += f"{'; ' if why else ''}peak lr {lr:.3g}, {LR_PER_BATCH:g} x sqrt(batch/{BATCH})"
+            reasons.append(f"peak lr {lr:.3g}, {LR_PER_BATCH:g} x sqrt(batch/{BATCH})")
         pad = self.crop_pad
         if pad is None:
             pad = PAD_SMALL if small_set(n_train) else PAD_FULL
             if pad != PAD_FULL:
-                why += f"{'; ' if why else ''}crops padded by {pad} px, not {PAD_FULL}, on a set this small"
-        return replace(self, batch_size=batch, lr=lr, crop_pad=pad), why
+                reasons.append(f"crops padded by {pad} px, not {PAD_FULL}, on a set this small")
+        return replace(self, batch_size=batch, lr=lr, crop_pad=pad), "; ".join(reasons)
 
 
 def default_lr(batch: int) -> float:
