@@ -78,6 +78,7 @@ PAD_FULL, PAD_SMALL = 2, 4  # default crop padding on a full-size and on a small
 REFRESH_EVERY = 10  # steps between progress-bar refreshes, the only host syncs in an epoch
 LOGGERS = ("csv", "tensorboard", "none")
 FLIPS = ("random", "alternate")
+PADDINGS = ("zero", "reflect")
 METRIC_COLUMNS = "epoch train_loss train_acc monitor_loss monitor_acc lr epoch_s img_per_s".split()
 
 
@@ -101,6 +102,7 @@ class TrainConfig:
     label_smoothing: float = 0.1
     cutout: int = 0
     crop_pad: int | None = None  # padding before the random crop; None: PAD_FULL, PAD_SMALL on a small_set
+    padding: str = "zero"  # what the crop shifts bring in at the edge: zeros or the mirrored image
     flip: str = "random"  # random: each image a coin toss per epoch; alternate: see plan_epoch
     data: str | None = None  # None: torchvision's download of `dataset`
     dataset: str = "cifar10"  # what torchvision downloads: cifar10 or cifar100
@@ -127,6 +129,7 @@ class TrainConfig:
             (0 <= self.lr_end <= 1, f"--lr-end must be in [0, 1], got {self.lr_end}"),
             (0 <= self.seed < 2**32, f"--seed must be in [0, 2**32), got {self.seed}"),
             (0 <= self.ema < 1, f"--ema must be in [0, 1), got {self.ema}"),
+            (self.padding in PADDINGS, f"--padding must be one of {', '.join(PADDINGS)}, got {self.padding}"),
             (self.flip in FLIPS, f"--flip must be one of {', '.join(FLIPS)}, got {self.flip}"),
         ]
         for ok, message in checks:
@@ -205,6 +208,7 @@ CONFIG_FLAGS = {f.name for f in fields(TrainConfig)}
 LEGACY = {
     "crop_pad": 4,
     "flip": "random",
+    "padding": "zero",
     "warmup": 0.25,
     "lr_start": 1 / 20,
     "lr_end": 1 / 4000,
@@ -281,6 +285,11 @@ def parse_args(argv: list[str] | None) -> dict:
         metavar="PX",
         help="zero padding around each image before the random 32x32 crop, i.e. shifts of up to "
         f"PX pixels, 0 = no crop (default {PAD_FULL}; {PAD_SMALL} on a set of under {SMALL_SET:,} images)",
+    )
+    recipe.add_argument(
+        "--padding",
+        choices=PADDINGS,
+        help=f"what crop shifts bring in at the edge: zeros or the mirrored image (default {d.padding})",
     )
     recipe.add_argument(
         "--flip",
@@ -661,7 +670,7 @@ def training_batch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The augmented, normalised batch that `rows` picks from the device-resident set."""
     images = train.images[rows.order]
-    x = augment(images, rows, cutout_size=config.cutout)
+    x = augment(images, rows, cutout_size=config.cutout, padding=config.padding)
     x = normalize(x, mean, std).contiguous(memory_format=torch.channels_last)
     return x, train.labels[rows.order]
 
@@ -1024,7 +1033,7 @@ def print_plan(
     p(
         f"optimizer SGD Nesterov, momentum {c.momentum}, weight decay {c.weight_decay:g}"
         f"{'' if c.decay_norms else ' (not on BatchNorm and biases)'}, label smoothing {c.label_smoothing}, "
-        f"crops padded by {c.crop_pad}px, cutout {c.cutout}px, {c.flip} flips"
+        f"crops padded by {c.crop_pad}px ({c.padding}), cutout {c.cutout}px, {c.flip} flips"
         f"{f', EMA of the weights {c.ema}' if c.ema else ''}"
     )
     p("model     CIFAR ResNet-18, parameters per module:\n" + "\n".join(summary_lines(t.net)))

@@ -1,6 +1,6 @@
 """Batched, per-sample augmentation on the training device (the airbench design).
 
-Random crop with zero padding, horizontal flip and cutout run as a few tensor ops over
+Random crop with zero (or reflect) padding, horizontal flip and cutout run as a few tensor ops over
 the whole batch: no per-image Python work and no worker processes. The random numbers of
 a whole epoch are drawn at its start from a generator seeded by (seed, epoch), so sample
 i of epoch e is augmented the same way whatever the world size, and a resumed run
@@ -78,9 +78,12 @@ def plan_epoch(
     return EpochPlan(order, shift, flip, cutout, global_batch, pad)
 
 
-def augment(images: torch.Tensor, rows: EpochPlan, cutout_size: int = 8) -> torch.Tensor:
-    """Crop (after zero padding by `rows.pad`), flip and cut out, each sample with its own
-    parameters, the ones `rows` holds for it.
+def augment(
+    images: torch.Tensor, rows: EpochPlan, cutout_size: int = 8, padding: str = "zero"
+) -> torch.Tensor:
+    """Crop (after padding by `rows.pad`: zeros, or the image mirrored at its edge with
+    `padding="reflect"`), flip and cut out, each sample with its own parameters, the ones
+    `rows` holds for it.
 
     images: (B,C,H,W) of any dtype on any device; returns the same shape and dtype.
     """
@@ -88,12 +91,17 @@ def augment(images: torch.Tensor, rows: EpochPlan, cutout_size: int = 8) -> torc
     b, c, h, w = images.shape
     device = images.device
     if pad > 0:
-        padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
-        row_idx = (shift[:, 0:1] + torch.arange(h, device=device)).view(b, 1, h, 1)
-        col_idx = (shift[:, 1:2] + torch.arange(w, device=device)).view(b, 1, 1, w)
+        rows_at = shift[:, 0:1] - pad + torch.arange(h, device=device)  # (b, h), may leave [0, h)
+        cols_at = shift[:, 1:2] - pad + torch.arange(w, device=device)
+        if padding == "reflect":  # mirror without repeating the edge pixel, as F.pad's reflect
+            rows_at = (h - 1) - ((h - 1) - rows_at.abs()).abs()
+            cols_at = (w - 1) - ((w - 1) - cols_at.abs()).abs()
+        else:  # zeros: read the image padded by `pad` zeros
+            images = torch.nn.functional.pad(images, (pad, pad, pad, pad))
+            rows_at, cols_at = rows_at + pad, cols_at + pad
         batch_idx = torch.arange(b, device=device).view(b, 1, 1, 1)
         chan_idx = torch.arange(c, device=device).view(1, c, 1, 1)
-        images = padded[batch_idx, chan_idx, row_idx, col_idx]
+        images = images[batch_idx, chan_idx, rows_at.view(b, 1, h, 1), cols_at.view(b, 1, 1, w)]
     images = torch.where(flip.view(b, 1, 1, 1), images.flip(-1), images)
     if cutout_size > 0:
         ys = torch.arange(h, device=device).view(1, h, 1)

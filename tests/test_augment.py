@@ -81,3 +81,15 @@ def test_crop_pad_bounds_the_shift(pad):
     centred = (rows.shift == pad).all(1)  # offset (pad, pad) is the image itself
     assert all(torch.equal(out[i], images[i]) for i in range(4) if centred[i])
     assert out.shape == images.shape and (pad > 0 or torch.equal(out, images))
+
+
+@pytest.mark.parametrize("pad", [1, 2, 4])
+def test_reflect_padding_mirrors_the_image_at_its_edge(pad):
+    images = torch.randint(1, 255, (5, 3, 32, 32), dtype=torch.uint8)  # no zero pixel anywhere
+    shift = torch.tensor([[0, 0], [2 * pad, 2 * pad], [0, 2 * pad], [pad, 0], [pad, pad]])
+    rows = rows_of(shift, torch.zeros(5, dtype=torch.bool), torch.zeros(5, 2, dtype=torch.int64), pad)
+    out = augment(images, rows, cutout_size=0, padding="reflect")
+    mirrored = torch.nn.functional.pad(images.float(), (pad,) * 4, mode="reflect").to(torch.uint8)
+    for i, (dy, dx) in enumerate(shift.tolist()):
+        assert torch.equal(out[i], mirrored[i, :, dy : dy + 32, dx : dx + 32]), f"sample {i}"
+    assert (out > 0).all()  # nothing brought in is black, unlike zero padding
