@@ -130,6 +130,10 @@ class TrainConfig:
             (0 <= self.seed < 2**32, f"--seed must be in [0, 2**32), got {self.seed}"),
             (0 <= self.ema < 1, f"--ema must be in [0, 1), got {self.ema}"),
             (self.padding in PADDINGS, f"--padding must be one of {', '.join(PADDINGS)}, got {self.padding}"),
+            (
+                self.padding != "reflect" or (self.crop_pad or 0) < 32,
+                f"--padding reflect mirrors at most 31 px of a 32 px image, got --crop-pad {self.crop_pad}",
+            ),
             (self.flip in FLIPS, f"--flip must be one of {', '.join(FLIPS)}, got {self.flip}"),
         ]
         for ok, message in checks:
@@ -283,7 +287,7 @@ def parse_args(argv: list[str] | None) -> dict:
         "--crop-pad",
         type=non_negative_int,
         metavar="PX",
-        help="zero padding around each image before the random 32x32 crop, i.e. shifts of up to "
+        help="padding around each image before the random 32x32 crop (--padding), i.e. shifts of up to "
         f"PX pixels, 0 = no crop (default {PAD_FULL}; {PAD_SMALL} on a set of under {SMALL_SET:,} images)",
     )
     recipe.add_argument(

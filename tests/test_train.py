@@ -148,6 +148,7 @@ def test_a_finished_run_is_never_clobbered(tiny_folder, trained_run, train_flags
         pytest.param(["--ema", "1"], "--ema", id="ema-decay-1"),
         pytest.param(["--flip", "sideways"], "--flip", id="unknown-flip"),
         pytest.param(["--crop-pad", "-2"], "--crop-pad", id="negative-crop-pad"),
+        pytest.param(["--padding", "reflect", "--crop-pad", "32"], "--crop-pad 32", id="reflect-too-wide"),
         pytest.param(["--seed", "-3"], "--seed", id="negative-seed"),
         pytest.param(["--precision", "16-mixed", "--accelerator", "cpu"], "16-mixed", id="fp16-on-cpu"),
         pytest.param(["--epochs", "1", "--batch-size", "60"], "optimizer step", id="one-step-in-all"),
