@@ -91,17 +91,13 @@ def augment(
     b, c, h, w = images.shape
     device = images.device
     if pad > 0:
-        rows_at = shift[:, 0:1] - pad + torch.arange(h, device=device)  # (b, h), may leave [0, h)
-        cols_at = shift[:, 1:2] - pad + torch.arange(w, device=device)
-        if padding == "reflect":  # mirror without repeating the edge pixel, as F.pad's reflect
-            rows_at = (h - 1) - ((h - 1) - rows_at.abs()).abs()
-            cols_at = (w - 1) - ((w - 1) - cols_at.abs()).abs()
-        else:  # zeros: read the image padded by `pad` zeros
-            images = torch.nn.functional.pad(images, (pad, pad, pad, pad))
-            rows_at, cols_at = rows_at + pad, cols_at + pad
+        mode = "reflect" if padding == "reflect" else "constant"  # reflect: as evaluate.py's TTA shifts
+        padded = torch.nn.functional.pad(images, (pad, pad, pad, pad), mode=mode)
+        row_idx = (shift[:, 0:1] + torch.arange(h, device=device)).view(b, 1, h, 1)
+        col_idx = (shift[:, 1:2] + torch.arange(w, device=device)).view(b, 1, 1, w)
         batch_idx = torch.arange(b, device=device).view(b, 1, 1, 1)
         chan_idx = torch.arange(c, device=device).view(1, c, 1, 1)
-        images = images[batch_idx, chan_idx, rows_at.view(b, 1, h, 1), cols_at.view(b, 1, 1, w)]
+        images = padded[batch_idx, chan_idx, row_idx, col_idx]
     images = torch.where(flip.view(b, 1, 1, 1), images.flip(-1), images)
     if cutout_size > 0:
         ys = torch.arange(h, device=device).view(1, h, 1)
