@@ -98,6 +98,7 @@ class TrainConfig:
     lr_end: float = 0.0  # the last step's lr, as a share of the peak
     weight_decay: float = 5e-4
     decay_norms: bool = True  # weight decay on BatchNorm weights and on biases too
+    norm_bias_lr: float = 1.0  # the BatchNorm biases' lr, as a multiple of the others'
     momentum: float = 0.9
     label_smoothing: float = 0.1
     cutout: int = 0
@@ -129,6 +130,7 @@ class TrainConfig:
             (0 <= self.lr_end <= 1, f"--lr-end must be in [0, 1], got {self.lr_end}"),
             (0 <= self.seed < 2**32, f"--seed must be in [0, 2**32), got {self.seed}"),
             (0 <= self.ema < 1, f"--ema must be in [0, 1), got {self.ema}"),
+            (self.norm_bias_lr > 0, f"--norm-bias-lr must be > 0, got {self.norm_bias_lr}"),
             (self.padding in PADDINGS, f"--padding must be one of {', '.join(PADDINGS)}, got {self.padding}"),
             (
                 self.padding != "reflect" or (self.crop_pad or 0) < 32,
@@ -270,6 +272,13 @@ def parse_args(argv: list[str] | None) -> dict:
         "--decay-norms",
         action=argparse.BooleanOptionalAction,
         help=f"weight decay on BatchNorm weights and biases too (default {'on' if d.decay_norms else 'off'})",
+    )
+    recipe.add_argument(
+        "--norm-bias-lr",
+        type=float,
+        metavar="SCALE",
+        help=f"the BatchNorm biases' lr as a multiple of the others', their weight decay divided by it "
+        f"(default {d.norm_bias_lr:g})",
     )
     recipe.add_argument(
         "--label-smoothing",
@@ -498,11 +507,23 @@ def one_cycle(
 
 def parameter_groups(net: torch.nn.Module, config: TrainConfig) -> list[dict]:
     """Weight decay on the convolution and linear weights; on BatchNorm weights and on
-    biases only with `decay_norms` (they set scales and offsets, which decay only shrinks)."""
-    decayed = [p for p in net.parameters() if p.ndim > 1 or config.decay_norms]
-    others = [p for p in net.parameters() if not (p.ndim > 1 or config.decay_norms)]
+    biases only with `decay_norms` (they set scales and offsets, which decay only shrinks).
+    With `norm_bias_lr` != 1 the BatchNorm biases get a group of their own, at that multiple
+    of the lr and with the weight decay divided by it, so that a step decays them as much as
+    the others (airbench's scaled BatchNorm biases)."""
+    norm_biases = [m.bias for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    if config.norm_bias_lr == 1:
+        norm_biases = []
+    apart = {id(p) for p in norm_biases}
+    rest = [p for p in net.parameters() if id(p) not in apart]
+    decayed = [p for p in rest if p.ndim > 1 or config.decay_norms]
+    others = [p for p in rest if not (p.ndim > 1 or config.decay_norms)]
     groups = [{"params": decayed, "weight_decay": config.weight_decay}]
-    return groups + ([{"params": others, "weight_decay": 0.0}] if others else [])
+    groups += [{"params": others, "weight_decay": 0.0}] if others else []
+    if norm_biases:
+        decay = config.weight_decay / config.norm_bias_lr if config.decay_norms else 0.0
+        groups.append({"params": norm_biases, "lr": config.lr * config.norm_bias_lr, "weight_decay": decay})
+    return groups
 
 
 class WeightAverage:
@@ -1036,7 +1057,9 @@ def print_plan(
     )
     p(
         f"optimizer SGD Nesterov, momentum {c.momentum}, weight decay {c.weight_decay:g}"
-        f"{'' if c.decay_norms else ' (not on BatchNorm and biases)'}, label smoothing {c.label_smoothing}, "
+        f"{'' if c.decay_norms else ' (not on BatchNorm and biases)'}"
+        f"{f', BatchNorm biases at {c.norm_bias_lr:g}x the lr' if c.norm_bias_lr != 1 else ''}, "
+        f"label smoothing {c.label_smoothing}, "
         f"crops padded by {c.crop_pad}px ({c.padding}), cutout {c.cutout}px, {c.flip} flips"
         f"{f', EMA of the weights {c.ema}' if c.ema else ''}"
     )

@@ -95,6 +95,24 @@ def test_one_cycle_rises_then_falls():
     assert lrs[-1] < 0.001
 
 
+@pytest.mark.parametrize("scale", [4.0, 64.0])
+def test_norm_biases_follow_the_schedule_at_their_multiple_of_the_lr(scale):
+    """--norm-bias-lr: every BatchNorm bias, and nothing else, steps at `scale` times the lr
+    all along the schedule, its weight decay divided by `scale`."""
+    net = build_model(10)
+    config = train.TrainConfig(lr=0.2, norm_bias_lr=scale)
+    opt = torch.optim.SGD(train.parameter_groups(net, config), lr=config.lr)
+    sched = train.one_cycle(opt, total_steps=50, warmup=0.2, start=0.2, end=0.0)
+    bn_biases = {id(m.bias) for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert [{id(p) for p in g["params"]} == bn_biases for g in opt.param_groups] == [False, True]
+    assert opt.param_groups[1]["weight_decay"] == pytest.approx(config.weight_decay / scale)
+    for _ in range(50):
+        main, biases = sched.get_last_lr()
+        assert biases == pytest.approx(scale * main)
+        opt.step()
+        sched.step()
+
+
 def test_resume_after_epoch_one_is_exact(
     tmp_path, tiny_folder, trained_run, train_flags, same_weights, monkeypatch
 ):
@@ -146,6 +164,7 @@ def test_a_finished_run_is_never_clobbered(tiny_folder, trained_run, train_flags
         pytest.param(["--label-smoothing", "1.5"], "--label-smoothing", id="label-smoothing-above-1"),
         pytest.param(["--weight-decay", "-1"], "--weight-decay", id="negative-weight-decay"),
         pytest.param(["--ema", "1"], "--ema", id="ema-decay-1"),
+        pytest.param(["--norm-bias-lr", "0"], "--norm-bias-lr", id="zero-norm-bias-lr"),
         pytest.param(["--flip", "sideways"], "--flip", id="unknown-flip"),
         pytest.param(["--crop-pad", "-2"], "--crop-pad", id="negative-crop-pad"),
         pytest.param(["--padding", "reflect", "--crop-pad", "32"], "--crop-pad 32", id="reflect-too-wide"),
