@@ -11,6 +11,8 @@
 # the GPU, and the two tests that need CUDA run on the CPU cores. The JPEG tarball and the
 # wheels the machine lacks (grad-cam, ttach) come in .gpu/. A run cut by the budget keeps its
 # finished epochs (metrics.csv). OUT gets session.log and runs.tgz (logs and metrics).
+# Ran on 2026-11-26 on an H100: gpu_recipes.txt, then gpu_recipes2.txt with RECIPES_ONLY=1 (the
+# runs alone, on the machine still warm); figures in README "Performance" and benchmarks/recipes.md.
 set -u
 OUT=${1:?usage: gpu_recipes.sh OUT RUNS [BUDGET_S]}
 RUNS=${2:?usage: gpu_recipes.sh OUT RUNS [BUDGET_S]}
@@ -34,6 +36,10 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null
 python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__, torch.cuda.get_device_name())"
 
+if [ -n "${RECIPES_ONLY:-}" ]; then  # a second call on a warm machine: the runs alone
+    TESTS=""
+    python3 -c "from common.data import load_splits; load_splits('$DATA')"
+else
 say "data decode (one core) beside throughput.py (GPU) and the CUDA tests (CPU)"
 python3 -c "from common.data import load_splits; s = load_splits('$DATA'); print('decoded', len(s.train), len(s.test))" > "$W/decode.log" 2>&1 &
 DECODE=$!
@@ -44,6 +50,7 @@ TESTS=$!
 timeout 100 python3 benchmarks/throughput.py --batch-size 512 2>&1 | grep -v Warning
 wait $DECODE
 cat "$W/decode.log"
+fi
 
 say "recipe runs, $SLOTS at a time"
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 15 > "$W/gpu_use.csv" 2>/dev/null &
@@ -58,8 +65,7 @@ run() {  # NAME FLAGS...
 export -f run now left
 export START BUDGET DATA W
 grep -v '^\s*\(#\|$\)' "$RUNS" | xargs -P "$SLOTS" -I{} bash -c 'run {}'
-wait $TESTS
-say "tests: $(tail -n 1 "$W/pytest.log")"
+[ -n "$TESTS" ] && wait $TESTS && say "tests: $(tail -n 1 "$W/pytest.log")"
 kill $SMI 2>/dev/null
 
 say "packing"
