@@ -130,7 +130,10 @@ class TrainConfig:
             (0 <= self.lr_end <= 1, f"--lr-end must be in [0, 1], got {self.lr_end}"),
             (0 <= self.seed < 2**32, f"--seed must be in [0, 2**32), got {self.seed}"),
             (0 <= self.ema < 1, f"--ema must be in [0, 1), got {self.ema}"),
-            (self.norm_bias_lr > 0, f"--norm-bias-lr must be > 0, got {self.norm_bias_lr}"),
+            (
+                math.isfinite(self.norm_bias_lr) and self.norm_bias_lr > 0,
+                f"--norm-bias-lr must be a number > 0, got {self.norm_bias_lr}",
+            ),
             (self.padding in PADDINGS, f"--padding must be one of {', '.join(PADDINGS)}, got {self.padding}"),
             (
                 self.padding != "reflect" or (self.crop_pad or 0) < 32,
@@ -510,7 +513,7 @@ def parameter_groups(net: torch.nn.Module, config: TrainConfig) -> list[dict]:
     biases only with `decay_norms` (they set scales and offsets, which decay only shrinks).
     With `norm_bias_lr` != 1 the BatchNorm biases get a group of their own, at that multiple
     of the lr and with the weight decay divided by it, so that a step decays them as much as
-    the others (airbench's scaled BatchNorm biases)."""
+    the others (airbench's scaled BatchNorm biases). `config.lr` must be resolved (for_data)."""
     norm_biases = [m.bias for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     if config.norm_bias_lr == 1:
         norm_biases = []

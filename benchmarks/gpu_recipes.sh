@@ -7,8 +7,9 @@
 # RUNS is a file of lines `NAME FLAGS...`, longest first; each runs as
 # `time_to_accuracy.py --data DATA -- --no-compile --logger none FLAGS`, SLOTS at a time. They
 # share the GPU, so their seconds are not timings: accuracy is the result. Before them, while the
-# data is decoded into the cache on one core, throughput.py (batch 512, compiled) runs alone on
-# the GPU, and the two tests that need CUDA run on the CPU cores. The JPEG tarball and the
+# data is decoded into the cache on one core, throughput.py (batch 512, compiled) runs on the
+# GPU with only two short tests beside it (the temperature-scaling test, pinned to the CPU, and
+# the CUDA-only checkpoint test). The JPEG tarball and the
 # wheels the machine lacks (grad-cam, ttach) come in .gpu/. A run cut by the budget keeps its
 # finished epochs (metrics.csv). OUT gets session.log and runs.tgz (logs and metrics).
 # Ran on 2026-11-26 on an H100: gpu_recipes.txt, then gpu_recipes2.txt with RECIPES_ONLY=1 (the

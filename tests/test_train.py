@@ -95,28 +95,41 @@ def test_one_cycle_rises_then_falls():
     assert lrs[-1] < 0.001
 
 
-@pytest.mark.parametrize("scale", [4.0, 64.0])
-def test_norm_biases_follow_the_schedule_at_their_multiple_of_the_lr(scale):
+@pytest.mark.parametrize(
+    "scale, decay_norms, groups",
+    [
+        pytest.param(4.0, True, 2, id="4x"),
+        pytest.param(64.0, True, 2, id="64x"),
+        pytest.param(4.0, False, 3, id="4x-no-decay-norms"),
+    ],
+)
+def test_norm_biases_follow_the_schedule_at_their_multiple_of_the_lr(scale, decay_norms, groups):
     """--norm-bias-lr: every BatchNorm bias, and nothing else, steps at `scale` times the lr
-    all along the schedule, its weight decay divided by `scale`."""
+    all along the schedule, its weight decay divided by `scale` (none with --no-decay-norms)."""
     net = build_model(10)
-    config = train.TrainConfig(lr=0.2, norm_bias_lr=scale)
+    config = train.TrainConfig(lr=0.2, norm_bias_lr=scale, decay_norms=decay_norms)
     opt = torch.optim.SGD(train.parameter_groups(net, config), lr=config.lr)
     sched = train.one_cycle(opt, total_steps=50, warmup=0.2, start=0.2, end=0.0)
     bn_biases = {id(m.bias) for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)}
-    assert [{id(p) for p in g["params"]} == bn_biases for g in opt.param_groups] == [False, True]
-    assert opt.param_groups[1]["weight_decay"] == pytest.approx(config.weight_decay / scale)
+    is_biases = [{id(p) for p in g["params"]} == bn_biases for g in opt.param_groups]
+    assert is_biases == [False] * (groups - 1) + [True]
+    decay = config.weight_decay / scale if decay_norms else 0.0
+    assert opt.param_groups[-1]["weight_decay"] == pytest.approx(decay)
     for _ in range(50):
-        main, biases = sched.get_last_lr()
-        assert biases == pytest.approx(scale * main)
+        lrs = sched.get_last_lr()
+        assert lrs[-1] == pytest.approx(scale * lrs[0])
         opt.step()
         sched.step()
 
 
+@pytest.mark.parametrize(
+    "recipe", [pytest.param([], id="default"), pytest.param(["--norm-bias-lr", "4"], id="norm-bias-lr")]
+)
 def test_resume_after_epoch_one_is_exact(
-    tmp_path, tiny_folder, trained_run, train_flags, same_weights, monkeypatch
+    tmp_path, tiny_folder, train_flags, same_weights, monkeypatch, recipe
 ):
-    """A run stopped after epoch 1 and resumed ends with the same weights, bit for bit."""
+    """A run stopped after epoch 1 and resumed ends with the same weights, bit for bit, as the
+    run that went on."""
     kept = {}
     real_save = train.save_checkpoint
 
@@ -126,12 +139,12 @@ def test_resume_after_epoch_one_is_exact(
             kept["state"] = torch.load(path, weights_only=True)
 
     monkeypatch.setattr(train, "save_checkpoint", save_and_keep)
-    assert train.main(["--data", str(tiny_folder), *train_flags, "--out", str(tmp_path / "a")]) == 0
+    assert train.main(["--data", str(tiny_folder), *train_flags, *recipe, "--out", str(tmp_path / "a")]) == 0
     monkeypatch.setattr(train, "save_checkpoint", real_save)
     (tmp_path / "b").mkdir()
     torch.save(kept["state"], tmp_path / "b" / "last.pt")  # as if the process died here
     assert train.main(["--resume", str(tmp_path / "b" / "last.pt")]) == 0
-    same_weights(weights(tmp_path / "b" / "last.pt"), weights(trained_run / "last.pt"))
+    same_weights(weights(tmp_path / "b" / "last.pt"), weights(tmp_path / "a" / "last.pt"))
     history = torch.load(tmp_path / "b" / "last.pt", weights_only=True)["history"]
     assert [row["epoch"] for row in history] == [1, 2]
     assert len(list(csv.DictReader(open(tmp_path / "b" / "metrics.csv")))) == 2
@@ -165,6 +178,7 @@ def test_a_finished_run_is_never_clobbered(tiny_folder, trained_run, train_flags
         pytest.param(["--weight-decay", "-1"], "--weight-decay", id="negative-weight-decay"),
         pytest.param(["--ema", "1"], "--ema", id="ema-decay-1"),
         pytest.param(["--norm-bias-lr", "0"], "--norm-bias-lr", id="zero-norm-bias-lr"),
+        pytest.param(["--norm-bias-lr", "inf"], "--norm-bias-lr", id="infinite-norm-bias-lr"),
         pytest.param(["--flip", "sideways"], "--flip", id="unknown-flip"),
         pytest.param(["--crop-pad", "-2"], "--crop-pad", id="negative-crop-pad"),
         pytest.param(["--padding", "reflect", "--crop-pad", "32"], "--crop-pad 32", id="reflect-too-wide"),
