@@ -514,9 +514,8 @@ def parameter_groups(net: torch.nn.Module, config: TrainConfig) -> list[dict]:
     With `norm_bias_lr` != 1 the BatchNorm biases get a group of their own, at that multiple
     of the lr and with the weight decay divided by it, so that a step decays them as much as
     the others (airbench's scaled BatchNorm biases). `config.lr` must be resolved (for_data)."""
-    norm_biases = [m.bias for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    if config.norm_bias_lr == 1:
-        norm_biases = []
+    scaled = config.norm_bias_lr != 1
+    norm_biases = [m.bias for m in net.modules() if scaled and isinstance(m, torch.nn.BatchNorm2d)]
     apart = {id(p) for p in norm_biases}
     rest = [p for p in net.parameters() if id(p) not in apart]
     decayed = [p for p in rest if p.ndim > 1 or config.decay_norms]
