@@ -18,39 +18,27 @@ set -u
 OUT=${1:?usage: gpu_recipes.sh OUT RUNS [BUDGET_S]}
 RUNS=${2:?usage: gpu_recipes.sh OUT RUNS [BUDGET_S]}
 BUDGET=${3:-540}
-START=$(date +%s)
+KEEP=20
 DATA=${DATA:-.gpu/cifar10-jpg.tar.gz}
 SLOTS=${SLOTS:-6}
 W=${WORK:-/tmp/gpu-recipes}
-export XDG_CACHE_HOME=${CACHE:-/tmp/gpu-cache} PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2
-mkdir -p "$OUT" "$W"
-exec > >(tee -a "$OUT/session.log") 2>&1
+export OMP_NUM_THREADS=2
+source "$(dirname "$0")/gpu_setup.sh"
 
-now() { echo $(($(date +%s) - START)); }
-left() { local s=$((BUDGET - 20 - $(now))); echo $((s > 1 ? s : 1)); }  # 20 s kept for packing
-say() { echo "[$(now)s] $*"; }
-
-say "setup"
-if ls .gpu/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/*.whl && export PYTHONPATH=/tmp/site
-fi
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null
-python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__, torch.cuda.get_device_name())"
-
+TESTS=""
 if [ -n "${RECIPES_ONLY:-}" ]; then  # a second call on a warm machine: the runs alone
-    TESTS=""
     python3 -c "from common.data import load_splits; load_splits('$DATA')"
 else
-say "data decode (one core) beside throughput.py (GPU) and the CUDA tests (CPU)"
-python3 -c "from common.data import load_splits; s = load_splits('$DATA'); print('decoded', len(s.train), len(s.test))" > "$W/decode.log" 2>&1 &
-DECODE=$!
-timeout $(left) python3 -m pytest -q -p no:cacheprovider \
-    tests/test_ecosystem.py::test_temperature_scaling_fits_the_validation_set \
-    tests/test_train.py::test_a_gpu_checkpoint_loads_on_a_machine_without_one > "$W/pytest.log" 2>&1 &
-TESTS=$!
-timeout 100 python3 benchmarks/throughput.py --batch-size 512 2>&1 | grep -v Warning
-wait $DECODE
-cat "$W/decode.log"
+    say "data decode (one core) beside throughput.py (GPU) and the CUDA tests (CPU)"
+    python3 -c "from common.data import load_splits; s = load_splits('$DATA'); print('decoded', len(s.train), len(s.test))" > "$W/decode.log" 2>&1 &
+    DECODE=$!
+    timeout $(left) python3 -m pytest -q -p no:cacheprovider \
+        tests/test_ecosystem.py::test_temperature_scaling_fits_the_validation_set \
+        tests/test_train.py::test_a_gpu_checkpoint_loads_on_a_machine_without_one > "$W/pytest.log" 2>&1 &
+    TESTS=$!
+    timeout 100 python3 benchmarks/throughput.py --batch-size 512 2>&1 | grep -v Warning
+    wait $DECODE
+    cat "$W/decode.log"
 fi
 
 say "recipe runs, $SLOTS at a time"
@@ -64,7 +52,7 @@ run() {  # NAME FLAGS...
     echo "[$(now)s] $name: $(grep '^epochs=' "$W/$name.log" || echo "cut after $(grep -c '^epoch=' "$W/$name.log") epochs: $(grep '^epoch=' "$W/$name.log" | tail -n 1)")"
 }
 export -f run now left
-export START BUDGET DATA W
+export START BUDGET KEEP DATA W
 grep -v '^\s*\(#\|$\)' "$RUNS" | xargs -P "$SLOTS" -I{} bash -c 'run {}'
 [ -n "$TESTS" ] && wait $TESTS && say "tests: $(tail -n 1 "$W/pytest.log")"
 kill $SMI 2>/dev/null

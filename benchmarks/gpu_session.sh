@@ -21,28 +21,17 @@
 set -u
 OUT=${1:?usage: gpu_session.sh OUT [BUDGET_S]}
 BUDGET=${2:-560}
-START=$(date +%s)
+KEEP=25
 DATA=${DATA:-.gpu/cifar10-jpg.tar.gz}
 EXTRA=${EXTRA:-}
 SLOTS=${SLOTS:-3}
 W=${WORK:-/tmp/gpu-session}
-export XDG_CACHE_HOME=${CACHE:-/tmp/gpu-cache} PYTHONUNBUFFERED=1
-mkdir -p "$OUT" "$W"
-exec > >(tee -a "$OUT/session.log") 2>&1
-
-now() { echo $(($(date +%s) - START)); }
-left() { local s=$((BUDGET - 25 - $(now))); echo $((s > 1 ? s : 1)); }  # 25 s kept for packing
-say() { echo "[$(now)s] $*"; }
-
-say "setup"
-if ls .gpu/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/*.whl && export PYTHONPATH=/tmp/site
+source "$(dirname "$0")/gpu_setup.sh"
+# The real-data tests look for ../shared/data/cifar10-jpg.tar.gz: linked there only where no such
+# file is (never over one: a dry run on the CPU machine must leave its copy alone).
+if [ ! -e ../shared/data/cifar10-jpg.tar.gz ]; then
+    mkdir -p ../shared/data 2>/dev/null && ln -s "$(realpath "$DATA")" ../shared/data/cifar10-jpg.tar.gz 2>/dev/null
 fi
-# The real-data tests look for ../shared/data/cifar10-jpg.tar.gz.
-mkdir -p ../shared/data 2>/dev/null && ln -sf "$PWD/$DATA" ../shared/data/cifar10-jpg.tar.gz 2>/dev/null
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null
-python3 -c "import torch, torchvision, lightning, pytorch_grad_cam; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'lightning', lightning.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
-nproc
 
 say "phase 1: data decode (one CPU core) beside throughput.py (GPU)"
 python3 -c "from common.data import load_splits; s = load_splits('$DATA'); print('decoded', len(s.train), len(s.test))" > "$W/decode.log" 2>&1 &
@@ -77,7 +66,7 @@ variant() {  # NAME FLAGS...: an 8-epoch run of the default recipe with FLAGS ch
     echo "[$(now)s] v_$name: $(tail -n 1 "$W/v_$name.log")"
 }
 export -f variant now left
-export START BUDGET DATA EXTRA W
+export START BUDGET KEEP DATA EXTRA W
 (
     printf '%s\n' \
         "default8" \
