@@ -1,5 +1,6 @@
 """One run per results folder: real processes, an OS lock that dies with its holder."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -9,20 +10,37 @@ import time
 import pytest
 
 
-@pytest.fixture
-def running_train(tmp_path, tiny_folder, train_flags, root):
-    """A real train.py that holds tmp_path/run for a long run; killed (-9) at the end."""
-    out, log = tmp_path / "run", tmp_path / "log.txt"
+@contextlib.contextmanager
+def training_in(folder, tiny_folder, train_flags, root):
+    """A real train.py that holds folder/run for a long run; killed (-9) on exit."""
+    out, log = folder / "run", folder / "log.txt"
     args = ["train.py", "--data", str(tiny_folder), *train_flags, "--epochs", "500", "--out", str(out)]
     with open(log, "w") as f:
         proc = subprocess.Popen([sys.executable, *args], cwd=root, stdout=f, stderr=subprocess.STDOUT)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (out / "last.pt").exists():  # training for real
-        assert proc.poll() is None, log.read_text()
-        time.sleep(0.1)
-    yield proc, out
-    proc.kill()
-    proc.wait()
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (out / "last.pt").exists():  # training for real
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.1)
+        yield proc, out
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture
+def running_train(tmp_path, tiny_folder, train_flags, root):
+    with training_in(tmp_path, tiny_folder, train_flags, root) as held:
+        yield held
+
+
+@pytest.fixture(scope="module")
+def paused_train(tmp_path_factory, tiny_folder, train_flags, root):
+    """A real train.py, paused (SIGSTOP) once it trains: it still holds its folder, and its files
+    stay still. One for all the refusal cases (a run each cost ~10 s to start)."""
+    with training_in(tmp_path_factory.mktemp("held"), tiny_folder, train_flags, root) as (proc, out):
+        os.kill(proc.pid, signal.SIGSTOP)
+        yield proc, out
 
 
 def snapshot(folder):
@@ -44,16 +62,12 @@ def snapshot(folder):
     ],
 )  # fmt: skip
 def test_a_folder_in_use_is_refused_at_once(
-    running_train, tiny_folder, run_script, one_line_error, command, says
+    paused_train, tiny_folder, run_script, one_line_error, command, says
 ):
-    proc, out = running_train
-    os.kill(proc.pid, signal.SIGSTOP)  # paused, still holding the folder: its files stay still
-    try:
-        before = snapshot(out)
-        result = run_script(*command(out, str(tiny_folder)))
-        after = snapshot(out)
-    finally:
-        os.kill(proc.pid, signal.SIGCONT)
+    proc, out = paused_train
+    before = snapshot(out)
+    result = run_script(*command(out, str(tiny_folder)))
+    after = snapshot(out)
     assert result.returncode == 2
     one_line_error(result.stderr, str(out), f"process {proc.pid}", says)
     assert "data " not in result.stdout and "checkpoint " not in result.stdout  # at once: before any data
