@@ -28,12 +28,6 @@ def training_in(folder, tiny_folder, train_flags, root):
         proc.wait()
 
 
-@pytest.fixture
-def running_train(tmp_path, tiny_folder, train_flags, root):
-    with training_in(tmp_path, tiny_folder, train_flags, root) as held:
-        yield held
-
-
 @pytest.fixture(scope="module")
 def paused_train(tmp_path_factory, tiny_folder, train_flags, root):
     """A real train.py, paused (SIGSTOP) once it trains: it still holds its folder, and its files
@@ -74,10 +68,10 @@ def test_a_folder_in_use_is_refused_at_once(
     assert after == before  # the refused process touched nothing
 
 
-def test_a_killed_run_leaves_no_stale_lock(running_train, tiny_folder, train_flags, run_script):
-    proc, out = running_train
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+def test_a_killed_run_leaves_no_stale_lock(tmp_path, tiny_folder, train_flags, root, run_script):
+    with training_in(tmp_path, tiny_folder, train_flags, root) as (proc, out):
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
     args = ["--data", str(tiny_folder), *train_flags, "--epochs", "1", "--out", str(out), "--overwrite"]
     result = run_script("train.py", *args, timeout=300)
     assert result.returncode == 0, result.stderr
