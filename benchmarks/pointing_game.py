@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick and not args.method:
         methods = ["gradcam", "layercam"]
     default_layers = ["layer3", "layer4"] if args.quick else ["layer2", "layer3", "layer4", "layer3+layer4"]
-    n_train, n_test, epochs = (60, 10, 5) if args.quick else (300, 25, 6)
+    n_train, n_test, epochs = (60, 10, 3) if args.quick else (300, 25, 6)
     smoothing = [] if args.quick else ["aug_smooth", "eigen_smooth"]
     out = Path(args.out)
     with share_folder(out):  # not into a folder a training run holds

@@ -17,7 +17,9 @@ def explain_run(trained_run, tmp_path):
 
 
 def test_cams_npz_and_picture(tmp_path, explain_run):
-    assert explain_run("--n", "4", "--layer", "layer4", "--accelerator", "cpu", "--road-sample", "12") == 0
+    # GradCAM: this test is about the files; SESS, layer4's default, costs ~60 s more on 2 cores.
+    flags = ["--n", "4", "--layer", "layer4", "--method", "gradcam", "--accelerator", "cpu"]
+    assert explain_run(*flags, "--road-sample", "12") == 0
     cams = np.load(tmp_path / "cams.npz")
     assert {
         "index",
@@ -40,10 +42,10 @@ def test_cams_npz_and_picture(tmp_path, explain_run):
     assert (tmp_path / "gradcam.png").stat().st_size > 1000
     report = json.loads((tmp_path / "explanations.json").read_text())
     rows = report["faithfulness"]
-    assert [(r["method"], r["layer"], r["n"]) for r in rows] == [("SESS", "layer4", n)]  # layer4's default
+    assert [(r["method"], r["layer"], r["n"]) for r in rows] == [("GradCAM", "layer4", n)]
     assert isinstance(rows[0]["beats_random"], bool)
     sample = report["road_sample"]
-    assert [(r["method"], r["layer"], r["n"]) for r in sample] == [("SESS", "layer4", 12)]
+    assert [(r["method"], r["layer"], r["n"]) for r in sample] == [("GradCAM", "layer4", 12)]
     assert sample[0]["diff_low"] <= sample[0]["diff_mean"] <= sample[0]["diff_high"]
     assert sample[0]["verdict"] in ("beats RandomCAM", "no clear difference", "worse than RandomCAM")
     page = (tmp_path / "report.html").read_text()
@@ -80,9 +82,8 @@ def test_sample_is_seeded(tmp_path, explain_run):
 
 
 def test_fewer_mistakes_than_n_is_not_an_error(tmp_path, explain_run, capsys):
-    assert (
-        explain_run("--n", "500", "--order", "index", "--layer", "layer3.1.conv2", "--method", "gradcam") == 0
-    )
+    flags = ["--n", "500", "--order", "index", "--layer", "layer3.1.conv2", "--method", "gradcam"]
+    assert explain_run(*flags, "--no-faithfulness") == 0  # the faithfulness score is not the point here
     assert "fewer than --n 500" in capsys.readouterr().out
     index = np.load(tmp_path / "cams.npz")["index"]
     assert list(index) == sorted(index) and len(index) < 500

@@ -69,33 +69,50 @@ def test_kill_9_at_random_points_then_resume_is_exact(
     same_weights(final["model"], torch.load(trained_run / "last.pt", weights_only=True)["model"])
 
 
-WRITER = """
-import sys, torch
+# Imports torch and the writer once (~9 s on 2 cores), then forks a fresh writer per line read: each writer
+# prints its pid after its first complete write and rewrites the file until it is killed.
+WRITERS = """
+import os, sys, torch
 sys.path.insert(0, sys.argv[2])
 from common.checkpoint import save_checkpoint
+torch.set_num_threads(1)  # no thread pool for the forked writers to inherit
 states = [{"model": {"w": torch.full((1_000_000,), float(v))}, "v": v} for v in (1, 2)]
-i = 0
-while True:
-    save_checkpoint(states[i % 2], sys.argv[1])
-    i += 1
-    if i == 1:
-        print("ready", flush=True)
+save_checkpoint(states[0], sys.argv[1])  # its first call imports what it needs: once, before forking
+while sys.stdin.readline():
+    writer = os.fork()
+    if writer == 0:
+        try:
+            i = 0
+            while True:
+                save_checkpoint(states[i % 2], sys.argv[1])
+                i += 1
+                if i == 1:
+                    print(os.getpid(), flush=True)
+        finally:
+            os._exit(1)
+    os.waitpid(writer, 0)
+    print("reaped", flush=True)
 """
 
 
 def test_kill_9_during_checkpoint_writes_never_tears_the_file(tmp_path, root):
     rng = random.Random(1)
     target = tmp_path / "ckpt.pt"
-    for _ in range(5):
-        proc = subprocess.Popen(
-            [sys.executable, "-c", WRITER, str(target), str(root)], stdout=subprocess.PIPE, text=True
-        )
-        assert proc.stdout.readline().strip() == "ready"
-        time.sleep(rng.uniform(0.0, 0.3))
-        proc.kill()
-        proc.wait()
-        state = torch.load(target, weights_only=True)
-        assert state["v"] in (1, 2) and torch.all(state["model"]["w"] == state["v"])
+    pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "text": True}
+    writers = subprocess.Popen([sys.executable, "-c", WRITERS, str(target), str(root)], **pipes)
+    try:
+        for _ in range(5):
+            writers.stdin.write("write\n")
+            writers.stdin.flush()
+            pid = int(writers.stdout.readline())
+            time.sleep(rng.uniform(0.0, 0.3))
+            os.kill(pid, signal.SIGKILL)
+            assert writers.stdout.readline().strip() == "reaped"
+            state = torch.load(target, weights_only=True)
+            assert state["v"] in (1, 2) and torch.all(state["model"]["w"] == state["v"])
+    finally:
+        writers.kill()
+        writers.wait()
 
 
 def test_full_disk_leaves_the_good_checkpoint_alone(tmp_path, tiny_folder, train_flags, root, ctrl_c_at):
@@ -138,6 +155,10 @@ def truncated(run, path):
     path.write_bytes((run / "best.pt").read_bytes()[:100_000])
 
 
+def text_file(run, path):
+    path.write_text("not a checkpoint")
+
+
 def imagenet_resnet(run, path):
     from torchvision.models import resnet18
 
@@ -154,6 +175,7 @@ def other_weights(run, path):
     "make, says",
     [
         pytest.param(truncated, "not a readable checkpoint", id="truncated"),
+        pytest.param(text_file, "not a readable checkpoint", id="text-file"),
         pytest.param(imagenet_resnet, "not a cifar-cam checkpoint", id="another-models-state-dict"),
         pytest.param(other_weights, "do not fit the CIFAR ResNet-18", id="other-weights"),
     ],
@@ -163,6 +185,19 @@ def test_broken_and_foreign_checkpoints(tmp_path, trained_run, make, says, one_l
     assert evaluate.main(["--ckpt", str(tmp_path / "bad.pt")]) == 2
     err = capsys.readouterr().err
     one_line_error(err, says)
+
+
+def test_checkpoint_that_runs_code_is_refused(tmp_path, one_line_error, capsys):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"model": Evil(), "classes": [], "mean": [], "std": [], "config": {}}, tmp_path / "evil.pt")
+    assert evaluate.main(["--ckpt", str(tmp_path / "evil.pt")]) == 2
+    one_line_error(capsys.readouterr().err, "refusing")
+    assert not marker.exists()
 
 
 def free_port() -> int:
