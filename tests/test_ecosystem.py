@@ -145,7 +145,7 @@ def test_evaluate_and_explain_a_test_only_set(tmp_path, tiny_folder, trained_run
     )  # same images
     assert says in (tmp_path / "e" / "report.html").read_text()
     assert explain.main(["--ckpt", ckpt, "--data", str(data), "--out", str(tmp_path / "x"), "--n", "2",
-                         "--road-sample", "8"]) == 0  # fmt: skip
+                         "--no-faithfulness"]) == 0  # fmt: skip
 
 
 def test_a_test_only_set_cannot_train(tmp_path, tiny_folder, one_line_error, capsys):
