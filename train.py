@@ -55,7 +55,7 @@ from common.data import (
     split_off_validation,
 )
 from common.lock import hold_folder
-from common.model import build_model, summary_lines
+from common.model import build_model, folded_for_inference, summary_lines
 from common.options import (
     Parser,
     UsageError,
@@ -818,8 +818,7 @@ def reduce_sums(fabric: Fabric, sums: torch.Tensor, images: float, timer: StepTi
 def score(t: Training, model: torch.nn.Module, batch: int = 1000) -> tuple[float, float]:
     """(loss, accuracy) on the monitor set, each rank scoring its own shard, reduced over ranks."""
     fabric = t.fabric
-    was_training = model.training
-    model.eval()
+    model = folded_for_inference(model)  # an eval copy, BatchNorms folded: the same outputs, faster
     shard = slice(fabric.global_rank, None, fabric.world_size)
     images, labels = t.data.monitor.images[shard], t.data.monitor.labels[shard]
     totals = torch.zeros(2, device=fabric.device, dtype=torch.float64)
@@ -828,7 +827,7 @@ def score(t: Training, model: torch.nn.Module, batch: int = 1000) -> tuple[float
             memory_format=torch.channels_last
         )
         y = labels[start : start + batch]
-        with fabric.autocast():  # the EMA model is not wrapped by Fabric
+        with fabric.autocast():  # the folded copy is not wrapped by Fabric
             logits = model(x).float()
         totals += torch.stack(
             [F.cross_entropy(logits, y, reduction="sum"), (logits.argmax(1) == y).sum()]
@@ -836,13 +835,12 @@ def score(t: Training, model: torch.nn.Module, batch: int = 1000) -> tuple[float
     count = torch.tensor([float(len(labels))], device=fabric.device, dtype=torch.float64)
     totals = torch.cat([totals, count])
     totals = fabric.all_reduce(totals, reduce_op="sum") if fabric.world_size > 1 else totals
-    model.train(was_training)
     return (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item()
 
 
 def finish_epoch(t: Training, state: RunState, end: EpochEnd) -> None:
     """Score the monitor set, record the epoch, write the checkpoints, metrics and pictures."""
-    loss, acc = score(t, t.ema.model if t.ema else t.model)
+    loss, acc = score(t, t.ema.model if t.ema else t.net)
     s = end.sums
     row = {
         "epoch": state.epoch + 1,

@@ -37,7 +37,7 @@ from pytorch_grad_cam.utils.model_targets import (
 )
 from tqdm import tqdm
 
-from common.model import top_level_names
+from common.model import folded_for_inference, top_level_names
 from common.options import UsageError
 
 
@@ -199,11 +199,13 @@ def road_scores(
 ) -> np.ndarray:
     """pytorch_grad_cam's ROADCombined (percentiles 20/40/60/80) per image, for the softmax of
     `classes`: higher means removing what the CAM marks hurts the class more than removing
-    what it leaves out. `autocast` runs its forward passes (8 per image) in that precision."""
+    what it leaves out. `autocast` runs its forward passes (8 per image) in that precision, with
+    the BatchNorms folded (the maps are given: no hooks needed)."""
     torch.manual_seed(seed)
     np.random.seed(seed)
     device = next(model.parameters()).device
     targets = [ClassifierOutputSoftmaxTarget(int(c)) for c in classes]
+    model = folded_for_inference(model)
     scored = _Autocast(model, autocast) if autocast else model
     road = ROADCombined(percentiles=ROAD_PERCENTILES)(images.to(device), maps, targets, scored)
     return np.asarray(road, dtype=np.float64).reshape(-1)

@@ -6,9 +6,12 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import fuse_conv_bn_eval
 
 
 class BasicBlock(nn.Module):
@@ -60,6 +63,24 @@ class ResNet18(nn.Module):
 
 def build_model(num_classes: int = 10) -> ResNet18:
     return ResNet18(num_classes)
+
+
+def folded_for_inference(model: ResNet18) -> ResNet18:
+    """A copy for inference, each BatchNorm folded into the convolution before it (and left as
+    an Identity): the same outputs up to float rounding and the same module names, one pass
+    over memory fewer per layer (the forward over the test set, fp32 on a 2-core AVX2 CPU:
+    93 -> 101 img/s, benchmarks/evaluate_speed.py)."""
+    folded = copy.deepcopy(model).eval()
+    pairs = [(folded, "conv1", "bn1")]
+    for block in folded.modules():
+        if isinstance(block, BasicBlock):
+            pairs += [(block, "conv1", "bn1"), (block, "conv2", "bn2")]
+            if len(block.shortcut):
+                pairs.append((block.shortcut, "0", "1"))
+    for parent, conv, bn in pairs:
+        setattr(parent, conv, fuse_conv_bn_eval(getattr(parent, conv), getattr(parent, bn)))
+        setattr(parent, bn, nn.Identity())
+    return folded
 
 
 def count_parameters(model: nn.Module) -> int:
