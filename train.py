@@ -116,6 +116,7 @@ class TrainConfig:
     compile: bool | None = None  # None: on for CUDA
     dist_timeout: int = 300
     ema: float = 0.0
+    lookahead: bool = False
     logger: str = "csv"  # live logs: csv, tensorboard or none
 
     def __post_init__(self) -> None:
@@ -319,6 +320,12 @@ def parse_args(argv: list[str] | None) -> dict:
         metavar="DECAY",
         help=f"keep a moving average of the weights, decaying by DECAY a step, and score and save it "
         f"(default {d.ema:g}{': off' if not d.ema else ''})",
+    )
+    recipe.add_argument(
+        "--lookahead",
+        action=argparse.BooleanOptionalAction,
+        help="every 5 steps pull the weights back toward a slow average of themselves, harder as the "
+        f"run goes on (airbench's lookahead; default {'on' if d.lookahead else 'off'})",
     )
     recipe.add_argument("--seed", type=int, help=f"random seed (default {d.seed})")
     run = p.add_argument_group("the run")
@@ -559,6 +566,38 @@ class WeightAverage:
                 mine.copy_(theirs)
 
 
+class Lookahead:
+    """Lookahead (Zhang et al. 2019) as KellerJordan/airbench schedules it: every EVERY steps a
+    slow copy of the weights and BatchNorm statistics moves `1 - decay` of the way to the
+    trained ones, which then restart from it. decay = 0.95**EVERY * (steps done / total)**3:
+    nothing early, while the weights should roam, a strong average by the end. The last step
+    syncs too, so the run ends on the slow weights.
+    """
+
+    EVERY = 5
+
+    def __init__(self, net: torch.nn.Module, total_steps: int) -> None:
+        self.total_steps = total_steps
+        self.slow = {name: t.detach().clone() for name, t in float_state(net).items()}
+
+    def decay_at(self, steps_done: int) -> float:
+        return 0.95**self.EVERY * (steps_done / self.total_steps) ** 3
+
+    @torch.no_grad()
+    def update(self, net: torch.nn.Module, steps_done: int) -> None:
+        """After the optimizer step that made `steps_done` steps of the run."""
+        if steps_done % self.EVERY and steps_done != self.total_steps:
+            return
+        fast, slow = list(float_state(net).values()), list(self.slow.values())
+        torch._foreach_lerp_(slow, fast, 1 - self.decay_at(steps_done))
+        torch._foreach_copy_(fast, slow)
+
+
+def float_state(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights and float buffers (BatchNorm statistics), sharing `net`'s storage."""
+    return {name: t for name, t in net.state_dict().items() if t.is_floating_point()}
+
+
 @dataclass
 class Training:
     """What the epoch loop works with, built once."""
@@ -570,6 +609,7 @@ class Training:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     ema: WeightAverage | None
+    lookahead: Lookahead | None
     data: TrainingData
     mean: torch.Tensor
     std: torch.Tensor
@@ -588,9 +628,22 @@ def build_training(fabric: Fabric, config: TrainConfig, data: TrainingData, out:
     scheduler = one_cycle(optimizer, total_steps, config.warmup, config.lr_start, config.lr_end)
     model, optimizer = fabric.setup(torch.compile(net) if config.compile else net, optimizer)
     ema = WeightAverage(net, config.ema) if config.ema else None
+    lookahead = Lookahead(net, total_steps) if config.lookahead else None
     mean, std = (torch.tensor(v, device=fabric.device) for v in (data.mean, data.std))
     return Training(
-        fabric, config, net, model, optimizer, scheduler, ema, data, mean, std, steps_per_epoch, out
+        fabric,
+        config,
+        net,
+        model,
+        optimizer,
+        scheduler,
+        ema,
+        lookahead,
+        data,
+        mean,
+        std,
+        steps_per_epoch,
+        out,
     )
 
 
@@ -631,6 +684,9 @@ def restore(t: Training, ckpt: dict) -> RunState:
     restore_schedule(t.scheduler, ckpt["scheduler"])
     if t.ema:
         t.ema.model.load_state_dict(ckpt["ema"])
+    if t.lookahead:
+        for name, slow in t.lookahead.slow.items():
+            slow.copy_(ckpt["lookahead"][name])
     torch.set_rng_state(ckpt["rng"]["torch"])
     return RunState.from_checkpoint(ckpt)
 
@@ -661,6 +717,7 @@ def checkpoint(t: Training, state: RunState) -> dict:
     return {
         "model": t.net.state_dict(),
         **({"ema": t.ema.model.state_dict()} if t.ema else {}),
+        **({"lookahead": t.lookahead.slow} if t.lookahead else {}),  # for an exact --resume
         "scored": "ema" if t.ema else "model",  # the weights best.pt was chosen with
         "optimizer": t.optimizer.state_dict(),
         "scheduler": t.scheduler.state_dict(),
@@ -770,9 +827,11 @@ def run_epoch(t: Training, state: RunState, stop: StopRequest) -> EpochEnd:
         loss, correct = train_step(fabric, t.model, t.optimizer, t.scheduler, x, y, t.config.label_smoothing)
         sums += torch.stack([loss * plan.batch, correct])  # on the device: no host sync
         images += plan.batch
-        if t.ema:
-            t.ema.update(t.net, state.epoch * t.steps_per_epoch + step)
         run_step = state.epoch * t.steps_per_epoch + step
+        if t.lookahead:
+            t.lookahead.update(t.net, run_step + 1)
+        if t.ema:
+            t.ema.update(t.net, run_step)
         bad_step.masked_fill_((bad_step < 0) & ~torch.isfinite(loss), run_step)
         steps_to_log += [(run_step, loss, lr)] if fabric.loggers else []
         bar.update(1)
@@ -1061,7 +1120,7 @@ def print_plan(
         f"{f', BatchNorm biases at {c.norm_bias_lr:g}x the lr' if c.norm_bias_lr != 1 else ''}, "
         f"label smoothing {c.label_smoothing}, "
         f"crops padded by {c.crop_pad}px ({c.padding}), cutout {c.cutout}px, {c.flip} flips"
-        f"{f', EMA of the weights {c.ema}' if c.ema else ''}"
+        f"{f', EMA of the weights {c.ema}' if c.ema else ''}{', lookahead' if c.lookahead else ''}"
     )
     p("model     CIFAR ResNet-18, parameters per module:\n" + "\n".join(summary_lines(t.net)))
     if chosen:

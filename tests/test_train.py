@@ -123,7 +123,13 @@ def test_norm_biases_follow_the_schedule_at_their_multiple_of_the_lr(scale, deca
 
 
 @pytest.mark.parametrize(
-    "recipe", [pytest.param([], id="default"), pytest.param(["--norm-bias-lr", "4"], id="norm-bias-lr")]
+    "recipe",
+    [
+        pytest.param([], id="default"),
+        pytest.param(["--norm-bias-lr", "4"], id="norm-bias-lr"),
+        # 6 steps an epoch: epoch 1 ends after a sync, off the slow weights that last.pt keeps
+        pytest.param(["--lookahead", "--batch-size", "10"], id="lookahead"),
+    ],
 )
 def test_resume_after_epoch_one_is_exact(
     tmp_path, tiny_folder, train_flags, same_weights, monkeypatch, recipe
@@ -219,6 +225,32 @@ def test_non_finite_loss_stops_the_run(tmp_path, tiny_folder, train_flags, capsy
     assert code == 1
     assert "error: loss became non-finite at step" in capsys.readouterr().err
     assert not (tmp_path / "last.pt").exists()
+
+
+def test_lookahead_pulls_the_weights_back_every_5_steps_and_at_the_last():
+    """The trained weights (stood in for by +1 a step) move freely between syncs; at a sync
+    the slow copy moves 1 - decay of the way to them and they restart from it. BatchNorm's
+    float statistics take part, its step counter does not."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1), torch.nn.BatchNorm2d(1))
+    start = {k: v.clone() for k, v in net.state_dict().items()}
+    lookahead = train.Lookahead(net, total_steps=12)
+    assert lookahead.decay_at(0) == 0 and lookahead.decay_at(12) == pytest.approx(0.95**5)
+    slow = fast = 0.0  # offsets from the start, the same for every float tensor
+    for step in range(1, 13):
+        with torch.no_grad():
+            for t in train.float_state(net).values():
+                t.add_(1)
+        fast += 1
+        lookahead.update(net, step)
+        if step in (5, 10, 12):
+            slow += (1 - lookahead.decay_at(step)) * (fast - slow)
+            fast = slow
+        for name, t in net.state_dict().items():
+            if t.is_floating_point():
+                torch.testing.assert_close(t, start[name] + fast, msg=f"{name} after step {step}")
+            else:
+                assert torch.equal(t, start[name])
+    assert 0 < fast < 12  # the run ends on the slow weights, short of the last fast ones
 
 
 def test_ema_weights_are_saved_under_their_own_key(
