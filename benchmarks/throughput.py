@@ -2,12 +2,16 @@
 
     python benchmarks/throughput.py                      # CPU here, the GPU where there is one
     python benchmarks/throughput.py --batch-size 512 --steps 20 --compile
+    python benchmarks/throughput.py --blocks 1 --profile     # where the step's time goes
 
 (a) bare: forward, backward and optimizer step on one fixed, already normalised batch.
 (b) train: train.py's `train_step` (indexing the device-resident uint8 set, per-sample
     crop/flip/cutout, normalisation, the step, OneCycle) plus the loop's on-device sums.
 Both use the same Fabric precision, memory format and model. Blocks of (a) and (b) are
 interleaved and the median block is reported, so drift in the machine's speed hits both.
+The line before it puts the bare step against the device's own arithmetic: the step's
+multiply-adds (convolutions and matmuls, counted by torch.utils.flop_counter) per second, as a
+fraction of what one large matmul in the step's dtype reaches here.
 The last line is `bare=<img/s> train=<img/s> ratio=<train/bare>`.
 """
 
@@ -23,6 +27,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -46,6 +52,7 @@ def main() -> None:
         default=None,
         help="torch.compile (default: as train.py, on for CUDA)",
     )
+    p.add_argument("--profile", action="store_true", help="print the top ops of one bare block")
     args = p.parse_args()
 
     hardware.prepare_backend()
@@ -113,6 +120,7 @@ def main() -> None:
         sync()
         return batch * steps / (time.perf_counter() - start)
 
+    flops_per_image = step_flops(net, fixed_x, fixed_y) / batch
     print(
         f"device {accelerator} ({torch.cuda.get_device_name() if on_gpu else hardware.cpu_name()}), "
         f"precision {precision}, channels_last, compile {'on' if compile_model else 'off'}, "
@@ -136,7 +144,49 @@ def main() -> None:
             f"peak process memory (RSS) {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
         )
     b, t = statistics.median(bare), statistics.median(real)
+    size, dtype = (8192 if on_gpu else 2048), MATMUL_DTYPE.get(precision, torch.float32)
+    peak = matmul_rate(device, dtype, size, sync)
+    step_rate = b * flops_per_image
+    print(
+        f"bare step {flops_per_image / 1e9:.2f} GFLOP an image, {step_rate / 1e9:,.1f} GFLOP/s: "
+        f"{step_rate / peak:.2f} of a {size}x{size} {str(dtype).removeprefix('torch.')} matmul here "
+        f"({peak / 1e9:,.1f} GFLOP/s)"
+    )
+    if args.profile:
+        print_profile(bare_block, on_gpu)
     print(f"bare={b:.1f} train={t:.1f} ratio={t / b:.3f}")
+
+
+def print_profile(block, on_gpu: bool) -> None:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=activities) as prof:
+        block()
+    sort = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=12, max_name_column_width=36))
+
+
+MATMUL_DTYPE = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+def step_flops(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+    """Forward and backward FLOPs of one batch (2 per multiply-add), counted on the eager model."""
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(net(x), y).backward()
+    net.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, sync) -> float:
+    """FLOP/s of an n x n matmul, repeated for at least a second."""
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    a @ b
+    sync()
+    reps, start = 0, time.perf_counter()
+    while reps < 3 or time.perf_counter() - start < 1.0:
+        a @ b
+        reps += 1
+        sync()
+    return reps * 2 * n**3 / (time.perf_counter() - start)
 
 
 if __name__ == "__main__":
