@@ -631,19 +631,19 @@ def build_training(fabric: Fabric, config: TrainConfig, data: TrainingData, out:
     lookahead = Lookahead(net, total_steps) if config.lookahead else None
     mean, std = (torch.tensor(v, device=fabric.device) for v in (data.mean, data.std))
     return Training(
-        fabric,
-        config,
-        net,
-        model,
-        optimizer,
-        scheduler,
-        ema,
-        lookahead,
-        data,
-        mean,
-        std,
-        steps_per_epoch,
-        out,
+        fabric=fabric,
+        config=config,
+        net=net,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        ema=ema,
+        lookahead=lookahead,
+        data=data,
+        mean=mean,
+        std=std,
+        steps_per_epoch=steps_per_epoch,
+        out=out,
     )
 
 
