@@ -144,7 +144,7 @@ def main() -> None:
             f"peak process memory (RSS) {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
         )
     b, t = statistics.median(bare), statistics.median(real)
-    size, dtype = (8192 if on_gpu else 2048), MATMUL_DTYPE.get(precision, torch.float32)
+    size, dtype = (8192 if on_gpu else 2048), hardware.autocast_dtype(precision) or torch.float32
     peak = matmul_rate(device, dtype, size, sync)
     step_rate = b * flops_per_image
     print(
@@ -163,9 +163,6 @@ def print_profile(block, on_gpu: bool) -> None:
         block()
     sort = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=12, max_name_column_width=36))
-
-
-MATMUL_DTYPE = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
 def step_flops(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
