@@ -65,7 +65,7 @@ def main() -> None:
     on_gpu = config.accelerator == "cuda"
     batch = args.batch_size or (512 if on_gpu else 128)
     steps = args.steps or (50 if on_gpu else 4)
-    config = replace(config, batch_size=batch, lr=0.01, crop_pad=train.PAD_FULL)  # a full set's padding
+    config = replace(config, batch_size=batch, lr=0.01)
     accelerator, precision, compile_model = config.accelerator, config.precision, config.compile
 
     fabric = train.make_fabric(replace(config, logger="none"), Path("."))
