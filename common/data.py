@@ -362,9 +362,11 @@ def write_image_folder(
 
 
 def _unpack_once(archive: Path) -> Path:
-    """Unpack a .tar.gz into the cache, once per archive content."""
-    st = archive.stat()
-    key = hashlib.sha256(repr((str(archive), st.st_size, st.st_mtime_ns)).encode()).hexdigest()[:20]
+    """Unpack a .tar.gz into the cache, once per archive content: keyed by its bytes, not its
+    path or mtime, so a copied, moved or re-downloaded archive reuses the unpacked files (and,
+    through them, the decoded tensors). Hashing reads the archive once (~0.06 s for 19 MB)."""
+    with archive.open("rb") as f:
+        key = hashlib.file_digest(f, "sha256").hexdigest()[:20]
     target = cache_root() / "unpacked" / key
     if (target / ".complete").exists():
         return target

@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
+from common import data as data_module
 from common.data import DataError, balanced_subset, cache_root, load_splits, split_off_validation
 
 
@@ -40,17 +41,20 @@ def test_matches_torchvision_imagefolder_order(tiny_folder):
     assert torch.equal(ours.images[7], torch.from_numpy(first).permute(2, 0, 1))
 
 
-def test_second_start_reads_the_cache(tiny_folder):
+def test_second_start_reads_the_cache(tiny_folder, monkeypatch):
     load_splits(str(tiny_folder))
     assert list((cache_root() / "tensors").glob("*.pt"))
-    from common import data as data_module
+    monkeypatch.setattr(data_module, "_load_image_folder", lambda root: pytest.fail("decoded again"))
+    load_splits(str(tiny_folder))
 
-    original = data_module._load_image_folder
-    data_module._load_image_folder = lambda root: pytest.fail("decoded again instead of cached")
-    try:
-        load_splits(str(tiny_folder))
-    finally:
-        data_module._load_image_folder = original
+
+def test_a_copied_archive_is_not_unpacked_again(tmp_path, tiny_tarball, monkeypatch):
+    load_splits(str(tiny_tarball))
+    copy = tmp_path / "elsewhere" / "copy.tar.gz"
+    copy.parent.mkdir()
+    shutil.copy(tiny_tarball, copy)  # a new path and a new mtime, the same bytes
+    monkeypatch.setattr(data_module, "_load_image_folder", lambda root: pytest.fail("decoded again"))
+    assert str(copy) in load_splits(str(copy)).source
 
 
 def test_changed_file_invalidates_the_cache(tmp_path, make_folder, classes):
