@@ -77,7 +77,7 @@ REFRESH_EVERY = 10  # steps between progress-bar refreshes, the only host syncs 
 LOGGERS = ("csv", "tensorboard", "none")
 FLIPS = ("random", "alternate")
 PADDINGS = ("zero", "reflect")
-METRIC_COLUMNS = "epoch train_loss train_acc monitor_loss monitor_acc lr epoch_s img_per_s".split()
+METRIC_COLUMNS = "epoch train_loss train_acc monitor_loss monitor_acc lr epoch_s img_per_s score_s".split()
 
 
 # --- configuration ---------------------------------------------------------------------------
@@ -883,7 +883,9 @@ def score(t: Training, model: torch.nn.Module, batch: int = 1000) -> tuple[float
 
 def finish_epoch(t: Training, state: RunState, end: EpochEnd) -> None:
     """Score the monitor set, record the epoch, write the checkpoints, metrics and pictures."""
+    scoring_began = time.perf_counter()
     loss, acc = score(t, t.ema.model if t.ema else t.net)
+    score_s = time.perf_counter() - scoring_began
     s = end.sums
     row = {
         "epoch": state.epoch + 1,
@@ -894,11 +896,12 @@ def finish_epoch(t: Training, state: RunState, end: EpochEnd) -> None:
         "lr": end.lr,
         "epoch_s": s.seconds,
         "img_per_s": s.images / max(s.seconds, 1e-9),
+        "score_s": score_s,  # a forward pass over the monitor set: on a CPU it can outlast the epoch
     }
     t.fabric.print(
         f"epoch {row['epoch']:>3}/{t.config.epochs}  train loss {row['train_loss']:.4f} "
         f"acc {100 * row['train_acc']:5.2f}%  {t.data.monitor_name} loss {loss:.4f} acc {100 * acc:5.2f}%  "
-        f"{s.seconds:6.1f}s  {row['img_per_s']:,.0f} img/s"
+        f"{s.seconds:6.1f}s  {row['img_per_s']:,.0f} img/s  scored in {score_s:.1f}s"
     )
     state.history.append(row)
     step = (state.epoch + 1) * t.steps_per_epoch - 1
@@ -1124,9 +1127,8 @@ def write_metrics(history: list[dict], path: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
         writer.writeheader()
         for row in history:
-            writer.writerow(
-                {k: (f"{row[k]:.6g}" if isinstance(row[k], float) else row[k]) for k in METRIC_COLUMNS}
-            )
+            values = {k: row.get(k) for k in METRIC_COLUMNS}  # rows resumed from older runs lack score_s
+            writer.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in values.items()})
 
 
 def ranks_agree(t: Training) -> bool | None:
@@ -1143,6 +1145,7 @@ def summarise(t: Training, state: RunState, total_s: float) -> dict:
     history = state.history
     train_s = sum(r["epoch_s"] for r in history)
     images = sum(r["img_per_s"] * r["epoch_s"] for r in history)
+    timed_scoring = bool(history) and all("score_s" in r for r in history)  # not in runs resumed from before
     known = [results.LAST, results.BEST, results.METRICS, results.CURVES, results.REPORT, results.LOGS]
     written = [name for name in known if (t.out / name).exists()] + [results.SUMMARY]
     return {
@@ -1153,6 +1156,7 @@ def summarise(t: Training, state: RunState, total_s: float) -> dict:
         "epochs": len(history),
         "total_s": total_s,
         "train_s": train_s,
+        "score_s": sum(r["score_s"] for r in history) if timed_scoring else None,
         "img_per_s": images / train_s if train_s else None,
         "world_size": t.fabric.world_size,
         "ranks_agree": ranks_agree(t),
@@ -1183,7 +1187,10 @@ def print_summary(summary: dict, out: Path) -> None:
     if summary["world_size"] > 1:
         agreed = "identical on every rank" if summary["ranks_agree"] else "DIFFER between ranks"
         print(f"  ranks                 {summary['world_size']}, final weights {agreed}")
-    print(f"  total time            {summary['total_s']:.1f}s ({summary['train_s']:.1f}s in training steps)")
+    parts = [f"{summary['train_s']:.1f}s in training steps"]
+    if summary["score_s"] is not None:
+        parts.append(f"{summary['score_s']:.1f}s scoring the {monitor} set")
+    print(f"  total time            {summary['total_s']:.1f}s ({', '.join(parts)})")
     if summary["img_per_s"]:
         print(f"  throughput            {summary['img_per_s']:,.0f} img/s")
     print("  files                 " + "\n                        ".join(summary["files"]))

@@ -187,6 +187,7 @@ def _training(folder: Path, monitor: str) -> str:
         ("lr", "lr", "{:.4g}"),
         ("epoch_s", "epoch s", "{:.1f}"),
         ("img_per_s", "img/s", "{:,.0f}"),
+        ("score_s", f"{monitor} scoring s", "{:.1f}"),
     ]
     table = (
         _table([c[1] for c in cols], [[_fmt(r.get(k), spec) for k, _, spec in cols] for r in rows])

@@ -70,9 +70,12 @@ def test_run_writes_metrics_curves_and_summary(trained_run):
         "lr",
         "epoch_s",
         "img_per_s",
+        "score_s",
     ]
     assert [r["epoch"] for r in rows] == ["1", "2"]
     summary = json.loads((trained_run / "summary.json").read_text())
+    assert summary["score_s"] == pytest.approx(sum(float(r["score_s"]) for r in rows), rel=1e-4)
+    assert 0 < summary["train_s"] + summary["score_s"] < summary["total_s"]
     assert summary["epochs"] == 2 and "final weights" in summary["best_rule"]
     for name in ("best.pt", "last.pt", "metrics.csv", "curves.png", "summary.json"):
         assert (trained_run / name).stat().st_size > 0
@@ -353,7 +356,7 @@ def test_a_checkpoint_from_before_the_restructuring_resumes(
     tmp_path, tiny_folder, train_flags, ctrl_c_at, monkeypatch
 ):
     """last.pt as the earlier train.py wrote it: a OneCycleLR schedule, the epoch's running sums
-    as a list, a config without the newer settings, no `scored`."""
+    as a list, a config without the newer settings, no `scored`, epochs without `score_s`."""
     ctrl_c_at(5)
     assert train.main(["--data", str(tiny_folder), *train_flags, "--out", str(tmp_path)]) == 130
     monkeypatch.undo()
@@ -372,6 +375,11 @@ def test_a_checkpoint_from_before_the_restructuring_resumes(
     for key in ("warmup", "lr_start", "lr_end", "decay_norms", "dataset", "logger"):
         del state["config"][key]
     del state["scored"]
+    assert len(state["history"]) == 1
+    del state["history"][0]["score_s"]
     torch.save(state, tmp_path / "last.pt")
     assert train.main(["--resume", str(tmp_path / "last.pt")]) == 0
     assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 2
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert [r["score_s"] != "" for r in rows] == [False, True]
+    assert json.loads((tmp_path / "summary.json").read_text())["score_s"] is None  # not half a sum
