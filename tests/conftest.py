@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -141,6 +142,105 @@ def run_script() -> Callable[..., subprocess.CompletedProcess]:
         )
 
     return run
+
+
+# The helper process behind `training_runs`: it imports train.py once, then forks a run for each
+# line it reads (a log file and train.py's arguments, tab-separated), says `started PID`, and
+# `ended PID CODE` (minus the signal for a killed run) once the run is over.
+FORK_SERVER = """
+import os, select, sys
+os.chdir(sys.argv[1])
+sys.path.insert(0, sys.argv[1])
+import train
+while True:
+    if select.select([sys.stdin], [], [], 0.05)[0]:
+        line = sys.stdin.readline()
+        if not line:
+            break
+        log, *args = line.rstrip("\\n").split("\\t")
+        run = os.fork()
+        if run == 0:
+            code = 1
+            try:
+                out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+                os.dup2(out, 1)
+                os.dup2(out, 2)
+                code = train.main(args)
+            finally:
+                os._exit(code)
+        print("started", run, flush=True)
+    while True:
+        try:
+            run, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            break
+        if run == 0:
+            break
+        print("ended", run, os.waitstatus_to_exitcode(status), flush=True)
+"""
+
+
+class TrainingRuns:
+    """Real train.py processes, started in a fraction of a second each: forked from a helper
+    that imported train.py once, where `python train.py` would pay ~9 s of imports each time."""
+
+    def __init__(self) -> None:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "text": True}
+        self.server = subprocess.Popen([sys.executable, "-c", FORK_SERVER, str(ROOT)], env=env, **pipes)
+        self.ended: dict[int, int] = {}
+
+    def start(self, log: Path, *args: str) -> int:
+        """Runs `train.py ARGS > LOG 2>&1`; its pid."""
+        self.server.stdin.write("\t".join([str(log), *args]) + "\n")
+        self.server.stdin.flush()
+        while True:
+            word, pid, *code = self.next_line()
+            if word == "started":
+                return int(pid)
+            self.ended[int(pid)] = int(code[0])
+
+    def exit_code(self, pid: int) -> int:
+        """Waits for run `pid` to end: its exit code, or minus the signal that killed it."""
+        while pid not in self.ended:
+            word, ended, *code = self.next_line()
+            if word == "ended":
+                self.ended[int(ended)] = int(code[0])
+        return self.ended[pid]
+
+    def shows(self, pid: int, log: Path, text: str, timeout: float = 120) -> bool:
+        """Waits until `text` is in run `pid`'s log: False if the run ends first."""
+        deadline = time.time() + timeout
+        while time.time() < deadline and self.running(pid):
+            if log.exists() and text in log.read_text(errors="replace"):
+                return True
+            time.sleep(0.05)
+        return False
+
+    @staticmethod
+    def running(pid: int) -> bool:
+        """Whether run `pid` is still going (the helper reaps a run within 50 ms of its end)."""
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def next_line(self) -> list[str]:
+        line = self.server.stdout.readline()
+        assert line, f"the helper that starts training runs ended ({self.server.poll()})"
+        return line.split()
+
+    def close(self) -> None:
+        self.server.kill()
+        self.server.wait()
+
+
+@pytest.fixture(scope="session")
+def training_runs():
+    runs = TrainingRuns()
+    yield runs
+    runs.close()
 
 
 @pytest.fixture

@@ -5,38 +5,36 @@ import contextlib
 import importlib
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
 
 @contextlib.contextmanager
-def training_in(folder, tiny_folder, train_flags, root):
+def training_in(folder, tiny_folder, train_flags, training_runs):
     """A real train.py that holds folder/run for a long run; killed (-9) on exit."""
     out, log = folder / "run", folder / "log.txt"
-    args = ["train.py", "--data", str(tiny_folder), *train_flags, "--epochs", "500", "--out", str(out)]
-    with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, *args], cwd=root, stdout=f, stderr=subprocess.STDOUT)
+    args = ["--data", str(tiny_folder), *train_flags, "--epochs", "500", "--out", str(out)]
+    pid = training_runs.start(log, *args)
     try:
         deadline = time.time() + 120
         while time.time() < deadline and not (out / "last.pt").exists():  # training for real
-            assert proc.poll() is None, log.read_text()
+            assert training_runs.running(pid), log.read_text()
             time.sleep(0.1)
-        yield proc, out
+        yield pid, out
     finally:
-        proc.kill()
-        proc.wait()
+        if training_runs.running(pid):
+            os.kill(pid, signal.SIGKILL)
+        training_runs.exit_code(pid)
 
 
 @pytest.fixture(scope="module")
-def paused_train(tmp_path_factory, tiny_folder, train_flags, root):
+def paused_train(tmp_path_factory, tiny_folder, train_flags, training_runs):
     """A real train.py, paused (SIGSTOP) once it trains: it still holds its folder, and its files
-    stay still. One for all the refusal cases (a run each cost ~10 s to start)."""
-    with training_in(tmp_path_factory.mktemp("held"), tiny_folder, train_flags, root) as (proc, out):
-        os.kill(proc.pid, signal.SIGSTOP)
-        yield proc, out
+    stay still. One for all the refusal cases."""
+    with training_in(tmp_path_factory.mktemp("held"), tiny_folder, train_flags, training_runs) as (pid, out):
+        os.kill(pid, signal.SIGSTOP)
+        yield pid, out
 
 
 def snapshot(folder):
@@ -56,7 +54,7 @@ def snapshot(folder):
     ],
 )  # fmt: skip
 def test_a_folder_in_use_is_refused_at_once(paused_train, tiny_folder, one_line_error, capsys, command, says):
-    proc, out = paused_train
+    pid, out = paused_train
     script, *args = command(out, str(tiny_folder))
     before = snapshot(out)
     # Run here, not in a new process (~9 s of imports each): flock locks belong to each open() of
@@ -64,17 +62,17 @@ def test_a_folder_in_use_is_refused_at_once(paused_train, tiny_folder, one_line_
     assert importlib.import_module(script).main(args) == 2
     after = snapshot(out)
     printed = capsys.readouterr()
-    one_line_error(printed.err, str(out), f"process {proc.pid}", says)
+    one_line_error(printed.err, str(out), f"process {pid}", says)
     assert "data " not in printed.out and "checkpoint " not in printed.out  # at once: before any data
     assert after == before  # the refused run touched nothing
 
 
-def test_a_killed_run_leaves_no_stale_lock(tmp_path, tiny_folder, train_flags, root):
+def test_a_killed_run_leaves_no_stale_lock(tmp_path, tiny_folder, train_flags, training_runs):
     import train
 
-    with training_in(tmp_path, tiny_folder, train_flags, root) as (proc, out):
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+    with training_in(tmp_path, tiny_folder, train_flags, training_runs) as (pid, out):
+        os.kill(pid, signal.SIGKILL)
+        assert training_runs.exit_code(pid) == -signal.SIGKILL
     args = ["--data", str(tiny_folder), *train_flags, "--epochs", "1", "--out", str(out), "--overwrite"]
     assert train.main(args) == 0  # in this process: the next run takes the folder
 

@@ -16,54 +16,53 @@ import evaluate
 import train
 from common.checkpoint import load_checkpoint
 
-
-def wait_for(path, text, proc, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        if path.exists() and text in path.read_text(errors="replace"):
-            return True
-        time.sleep(0.05)
-    return False
+# Where the kills land, in order: (the epoch, what the log shows first, the longest wait after
+# it). The progress bar starts an epoch's steps; the epoch line comes after scoring, before the
+# writes. A point whose epoch a resumed run skips (it was saved before the kill) is dropped.
+KILL_POINTS = [
+    (1, "epoch 1/2:", 1.5),  # epoch 1's steps: nothing saved yet, the next run starts afresh
+    (1, "epoch   1/2  train", 0.3),  # writing epoch 1's checkpoints, metrics, curves, report
+    (2, "epoch 2/2:", 1.5),  # epoch 2's steps: the next run resumes from epoch 1
+    (2, "epoch   2/2  train", 0.3),  # writing the final files
+]
 
 
 def test_kill_9_at_random_points_then_resume_is_exact(
-    tmp_path, tiny_folder, trained_run, train_flags, root, same_weights
+    tmp_path, tiny_folder, trained_run, train_flags, training_runs, same_weights
 ):
-    """kill -9 the real process several times; every checkpoint left behind loads, and the
-    resumed run ends with the uninterrupted run's weights, bit for bit."""
+    """kill -9 the real process in each part of a run; every checkpoint left behind loads, and
+    the resumed run ends with the uninterrupted run's weights, bit for bit."""
     rng = random.Random(0)
     out, log = tmp_path / "run", tmp_path / "log.txt"
-    kills = 0
-    for _attempt in range(12):
+    points, kills, resumed = list(KILL_POINTS), 0, 0
+    for _attempt in range(8):
         resume = (out / "last.pt").exists()
+        saved = load_checkpoint(out / "last.pt")["epoch"] if resume else 0
+        points = [point for point in points if point[0] > saved]
+        resumed += resume
         args = (
             ["--resume", str(out / "last.pt")]
             if resume
             else ["--data", str(tiny_folder), *train_flags, "--out", str(out)]
         )
-        with open(log, "w") as f:
-            proc = subprocess.Popen(
-                [sys.executable, "train.py", *args],
-                cwd=root,
-                stdout=f,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-        # Kill somewhere in the training loop: steps, monitor scoring or checkpoint writes.
-        started = wait_for(log, "  total ", proc)
-        if started and kills < 4:
-            time.sleep(rng.uniform(0.0, 2.5))
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-                kills += 1
-        code = proc.wait(timeout=300)
+        pid = training_runs.start(log, *args)
+        if points:
+            _, shows, wait = points.pop(0)
+            if training_runs.shows(pid, log, shows):
+                time.sleep(rng.uniform(0.0, wait))
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    kills += 1
+                except ProcessLookupError:
+                    pass  # it had finished
+        code = training_runs.exit_code(pid)
         for name in ("last.pt", "best.pt"):
             if (out / name).exists():
                 load_checkpoint(out / name)  # never torn
         if code == 0:
             break
         assert code == -signal.SIGKILL, log.read_text()[-2000:]
-    assert code == 0 and kills >= 3
+    assert code == 0 and kills >= 3 and resumed >= 2, (kills, resumed)
     assert not list(out.glob(".*.tmp*"))
     final = torch.load(out / "last.pt", weights_only=True)
     same_weights(final["model"], torch.load(trained_run / "last.pt", weights_only=True)["model"])
