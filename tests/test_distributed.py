@@ -24,12 +24,13 @@ def test_two_cpu_ranks_form_one_group(tmp_path, tiny_folder, trained_run, train_
     # Against one process on the same global batch (trained_run: the same flags). The
     # gradients are averaged over the same 20 images, so the runs differ only through
     # BatchNorm, which in training normalises each rank's 10 images with their own statistics
-    # (DDP copies rank 0's running statistics to the others). Measured: train loss 1.988 vs 1.921
-    # (3.5 %), test loss 2.271 vs 2.268 after 2 epochs. Tolerances: 10 % and 5 %.
+    # (DDP copies rank 0's running statistics to the others); the difference grows with the
+    # steps. Measured (2026-11-27): train loss 2.218 vs 2.185 after epoch 1 (1.5 %), 1.564 vs
+    # 1.427 after epoch 2 (9.6 %); test loss 2.263 vs 2.259 and 2.203 vs 2.192 (under 0.6 %).
     two = list(csv.DictReader(open(out / "metrics.csv")))
     one = list(csv.DictReader(open(trained_run / "metrics.csv")))
     assert len(two) == len(one) == 2
-    for a, b in zip(two, one):
+    for a, b, train_tolerance in zip(two, one, (0.05, 0.15)):
         assert a["lr"] == b["lr"]  # the same schedule, step for step
-        assert abs(float(a["train_loss"]) / float(b["train_loss"]) - 1) < 0.10
+        assert abs(float(a["train_loss"]) / float(b["train_loss"]) - 1) < train_tolerance
         assert abs(float(a["monitor_loss"]) / float(b["monitor_loss"]) - 1) < 0.05

@@ -71,15 +71,26 @@ def test_tta_is_reported_beside_the_plain_figure(tmp_path, trained_run, tiny_fol
     tta = json.loads((tmp_path / "tta" / "evaluation.json").read_text())
     assert plain["tta"] is None and tta["accuracy"] == plain["accuracy"]
     assert set(tta["tta"]) == {"flip", "flip_translate"}
-    # The flip average, computed independently: the image and its mirror image.
+    # Computed independently: the flip average of the image, and of the image moved one pixel
+    # up-left and down-right with its border mirrored, weighted 1/2, 1/4, 1/4.
     from common.data import load_splits
 
     test = load_splits(str(tiny_folder)).test
-    flip = (independent_probs(trained_run / "best.pt", test.images)
-            + independent_probs(trained_run / "best.pt", test.images.flip(-1))) / 2  # fmt: skip
-    expected = (flip.argmax(1) == test.labels).float().mean().item()
-    assert abs(tta["tta"]["flip"]["accuracy"] - expected) < 1e-9
-    assert 0 <= tta["tta"]["flip_translate"]["accuracy"] <= 1
+
+    def flip_average(images):
+        ckpt = trained_run / "best.pt"
+        return (independent_probs(ckpt, images) + independent_probs(ckpt, images.flip(-1))) / 2
+
+    up_left = [*range(1, 32), 30]  # row (column) i of the moved picture is this row of the original
+    down_right = [1, *range(0, 31)]
+    flip = flip_average(test.images)
+    moved = [flip_average(test.images[:, :, rows][:, :, :, rows]) for rows in (up_left, down_right)]
+    expected = {"flip": flip, "flip_translate": flip / 2 + (moved[0] + moved[1]) / 4}
+    for name, probs in expected.items():
+        accuracy = (probs.argmax(1) == test.labels).float().mean().item()
+        assert abs(tta["tta"][name]["accuracy"] - accuracy) < 1e-9, name
+        loss = torch.nn.functional.nll_loss(probs.log(), test.labels).item()
+        assert abs(tta["tta"][name]["loss"] - loss) < 1e-4, name
 
 
 def test_refuses_data_with_other_class_names(tmp_path, trained_run, tiny_folder, capsys):

@@ -21,6 +21,7 @@ def training_in(folder, tiny_folder, train_flags, training_runs):
         while time.time() < deadline and not (out / "last.pt").exists():  # training for real
             assert training_runs.running(pid), log.read_text()
             time.sleep(0.1)
+        assert (out / "last.pt").exists(), log.read_text()[-2000:]
         yield pid, out
     finally:
         if training_runs.running(pid):
