@@ -48,6 +48,7 @@ from common.cams import (
 )
 from common.checkpoint import data_for, model_from_checkpoint, run_on_checkpoint, temperature_for
 from common.data import DataError, Dataset, normalize
+from common.explorer import OPACITY
 from common.options import (
     Parser,
     UsageError,
@@ -428,7 +429,9 @@ def draw(s: Subject, cams: list[Cams], sel: Selection, classes: list[str], path:
     rgb = [to_hwc(img) for img in sel.images]
 
     def overlay(k: int, cam: np.ndarray) -> np.ndarray:
-        return show_cam_on_image(rgb[k].astype(np.float32) / 255, cam[k], use_rgb=True)
+        return show_cam_on_image(
+            rgb[k].astype(np.float32) / 255, cam[k], use_rgb=True, image_weight=1 - OPACITY
+        )
 
     def heading(k: int, target: str) -> str:
         pred, other = classes[sel.preds[k]], classes[sel.others[k]]

@@ -382,9 +382,11 @@ def make_loggers(name: str, out: Path) -> list:
         return []
     from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
 
+    root = out / results.LOGS
     try:
-        make = CSVLogger if name == "csv" else TensorBoardLogger
-        return [make(root_dir=out / results.LOGS, name=name)]
+        if name == "csv":  # on disk as the steps reach it (Lightning's default: every 100 steps)
+            return [CSVLogger(root_dir=root, name=name, flush_logs_every_n_steps=REFRESH_EVERY)]
+        return [TensorBoardLogger(root_dir=root, name=name)]
     except ModuleNotFoundError:
         raise UsageError("--logger tensorboard needs TensorBoard: pip install tensorboard") from None
 

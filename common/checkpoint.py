@@ -1,10 +1,11 @@
 """Checkpoints: plain dicts that `torch.load(path, weights_only=True)` accepts.
 
 Keys: model (clean names), optimizer, scheduler, epoch, step, partial (the running sums of an
-interrupted epoch), rng, config, classes, mean, std, history, best_acc, best_rule, argv,
-versions, git_commit, and with --ema the average `ema` and `scored` (which weights the run
-scored). evaluate.py and explain.py need nothing
-else. Writes are atomic (temp file + rename), so a crash never leaves half a file.
+interrupted epoch), rng, config, classes, mean, std, history, best_acc, best_rule, scored (which
+weights the run scored), argv, versions, git_commit; with --ema the average `ema`, with
+--lookahead the slow weights `lookahead`, with --val-split the fitted `temperature` (best.pt).
+evaluate.py and explain.py need nothing else. Writes are atomic (temp file + rename), so a crash
+never leaves half a file.
 """
 
 from __future__ import annotations

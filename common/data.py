@@ -138,6 +138,9 @@ def _layout(path: Path):
             return _load_test_folder, root
         if _holds_class_folders(root):
             return _load_class_folders, root
+    holding, empty = _subfolders(path)
+    if holding and empty:  # class folders, but not every one holds images
+        raise DataError(f"empty class folder: {empty[0]}")
     raise DataError(
         f"{path} has no train/ and test/ folders, no test/ folder and no class folders "
         "(nor a CIFAR python batch)"
@@ -146,8 +149,15 @@ def _layout(path: Path):
 
 def _holds_class_folders(root: Path) -> bool:
     """Folders, each holding image files: a test set laid out by class."""
-    subdirs = [d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")]
-    return bool(subdirs) and all(any(p.is_file() for p in d.iterdir()) for d in subdirs)
+    holding, empty = _subfolders(root)
+    return bool(holding) and not empty
+
+
+def _subfolders(root: Path) -> tuple[list[Path], list[Path]]:
+    """The visible subfolders of `root`: those that hold files, and the others."""
+    subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    holding = [d for d in subdirs if any(p.is_file() for p in d.iterdir())]
+    return holding, [d for d in subdirs if d not in holding]
 
 
 def _cached(key: tuple, loader, root) -> Splits:

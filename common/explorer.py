@@ -19,7 +19,7 @@ import numpy as np
 
 from common import results
 
-OPACITY = 0.7  # the overlay's starting opacity, as in the pictures explain.py draws
+OPACITY = 0.5  # the map's opacity over the picture: explain.py's pictures, and the explorer's to start
 TARGET_NAMES = {"pred": "predicted", "true": "true", "contrast": "contrast"}
 
 CSS = """
@@ -29,14 +29,14 @@ CSS = """
 .card{border:1px solid #e3e6ec;border-radius:6px;padding:10px;background:#fafbfc}
 .view{position:relative;width:160px;height:160px;margin:0 auto 8px}
 .view img{position:absolute;left:0;top:0;width:160px;height:160px;image-rendering:pixelated}
-.view img.map{opacity:var(--opacity,0.7)}
+.view img.map{opacity:var(--opacity,%OPACITY%)}
 .card .labels{font-size:13px;margin:4px 0}.card .labels b{color:#a3221a}.card .labels b.right{color:#1c7a3a}
 .card .probs{font-size:12px;color:#6b7385;margin:2px 0 6px}
 .choices{display:flex;flex-wrap:wrap;gap:4px;margin:4px 0}
 .choices button{font:12px system-ui,sans-serif;padding:2px 7px;border:1px solid #c8ccd6;border-radius:4px;
  background:#fff;cursor:pointer}
 .choices button[aria-pressed=true]{background:#1d2330;color:#fff;border-color:#1d2330}
-"""
+""".replace("%OPACITY%", str(OPACITY))
 
 SCRIPT = """
 const cards = Array.from(document.querySelectorAll('.card'));

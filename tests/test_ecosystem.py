@@ -29,6 +29,20 @@ def test_csv_logger_writes_every_step_and_epoch(tmp_path, tiny_folder, train_fla
     assert len(list(csv.DictReader(open(tmp_path / "metrics.csv")))) == 2
 
 
+def test_csv_log_is_on_disk_while_the_epoch_runs(tmp_path, tiny_folder, train_flags, monkeypatch):
+    """Live logs: the steps reach logs/csv/.../metrics.csv every 10 steps, not at the epoch's end."""
+    log, rows_seen, real_augment = tmp_path / "logs" / "csv" / "version_0" / "metrics.csv", [], train.augment
+
+    def augment_and_look(*args, **kwargs):  # called once per step, before it
+        rows_seen.append(len(list(csv.DictReader(open(log)))) if log.exists() else 0)
+        return real_augment(*args, **kwargs)
+
+    monkeypatch.setattr(train, "augment", augment_and_look)
+    args = ["--data", str(tiny_folder), *train_flags, "--epochs", "1", "--batch-size", "2"]  # 30 steps
+    assert train.main([*args, "--out", str(tmp_path)]) == 0
+    assert rows_seen[24] == 20  # before step 25 of 30: steps 1-20 are on disk
+
+
 def test_a_resumed_run_logs_a_new_version(tmp_path, tiny_folder, train_flags, ctrl_c_at, monkeypatch):
     ctrl_c_at(5)
     assert train.main(["--data", str(tiny_folder), *train_flags, "--out", str(tmp_path)]) == 130

@@ -330,11 +330,11 @@ SHOWN = """card => { const m = card.querySelector('img.map:not([hidden])');
 
 def test_explorer_switches_maps_and_opacity(full_run: Path, browser):
     """Clicking a card's buttons shows another map over the picture; the slider sets the
-    overlay's opacity (0.7 to start, as explain.py's pictures)."""
+    overlay's opacity (0.5 to start, as explain.py's pictures)."""
     page = browser(write_report(full_run).as_uri())
     card = page.locator(".card").first
     key, src, opacity = card.evaluate(SHOWN)
-    assert key == "GradCAM layer2|pred" and opacity == "0.7"
+    assert key == "GradCAM layer2|pred" and opacity == "0.5"
     card.locator('button[data-value="contrast"]').click()  # why the predicted class, not the true one
     contrast = card.evaluate(SHOWN)
     assert contrast[0] == "GradCAM layer2|contrast" and contrast[1] != src
