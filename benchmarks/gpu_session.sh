@@ -17,7 +17,9 @@
 # without its optimizer state, in parts of 15 MB (cat them to rebuild it).
 # DATA, EXTRA (flags appended to every train.py run) and SLOTS change it for a dry run.
 # Ran once, 2026-11-26, on an H200 (README "Performance", benchmarks/recipes.md); the rows G2,
-# G8-G14 of recipes.md came from three short calls after it, the same variant() by hand.
+# G8-G14 of recipes.md came from three short calls after it, the same variant() by hand. Its runs
+# take train.py's defaults, which were then `--lr 0.1 --cutout 8 --crop-pad 4`: run today, it
+# measures today's recipe (and its cutout0 and lr0.2 variants are default8 again).
 set -u
 OUT=${1:?usage: gpu_session.sh OUT [BUDGET_S]}
 BUDGET=${2:-560}

@@ -6,7 +6,7 @@
 
 (a) bare: forward, backward and optimizer step on one fixed, already normalised batch.
 (b) train: train.py's `train_step` (indexing the device-resident uint8 set, per-sample
-    crop/flip/cutout, normalisation, the step, OneCycle) plus the loop's on-device sums.
+    crop/flip/cutout, normalisation, the step, the one-cycle schedule) plus the loop's on-device sums.
 Both use the same Fabric precision, memory format and model. Blocks of (a) and (b) are
 interleaved and the median block is reported, so drift in the machine's speed hits both.
 The last line is `bare=<img/s> train=<img/s> ratio=<train/bare>`. The line before it puts the
