@@ -204,6 +204,25 @@ def test_temperature_scaling_fits_the_validation_set(val_split_run, tiny_folder,
     assert np.allclose([float(r["confidence"]) for r in rows], calibrated.max(1).values, atol=1e-5)
 
 
+def test_the_temperature_is_fitted_for_the_weights_best_pt_keeps(val_split_run, tiny_folder):
+    """Fitted again here, on the same 20 held-out images: best.pt's weights (epoch 2 of 3) give
+    its stored temperature, the last epoch's weights another."""
+    from common.data import split_off_validation
+    from common.predict import predict_probs
+
+    best = torch.load(val_split_run / "best.pt", weights_only=True)
+    last = torch.load(val_split_run / "last.pt", weights_only=True)
+    _, val = split_off_validation(load_splits(str(tiny_folder)).train, 20, seed=0)
+    mean, std = torch.tensor(best["mean"]), torch.tensor(best["std"])
+
+    def fitted(state):
+        probs = predict_probs(train.model_from_checkpoint(state), val.images, mean, std).plain
+        return train.fit_temperature(probs.clamp_min(1e-12).log(), val.labels)
+
+    assert abs(fitted(best) - best["temperature"]) < 1e-4
+    assert abs(fitted(last) - best["temperature"]) > 1e-2
+
+
 def test_temperature_scaling_recovers_a_known_temperature():
     """Labels drawn from softmax(z) and logits 3z: the fitted temperature is 3."""
     generator = torch.Generator().manual_seed(0)
