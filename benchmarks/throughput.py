@@ -9,10 +9,11 @@
     crop/flip/cutout, normalisation, the step, the one-cycle schedule) plus the loop's on-device sums.
 Both use the same Fabric precision, memory format and model. Blocks of (a) and (b) are
 interleaved and the median block is reported, so drift in the machine's speed hits both.
-The last line is `bare=<img/s> train=<img/s> ratio=<train/bare>`. The line before it puts the
-bare step against the device's own arithmetic: the step's FLOPs (convolutions and matmuls,
-forward and backward, counted by torch.utils.flop_counter) per second, as a fraction of what
-one large matmul in the step's dtype reaches on the same device.
+The last line is `bare=<img/s> train=<img/s> ratio=<train/bare>`. A line above it (above
+`--profile`'s table, when asked) puts the bare step against the device's own arithmetic: the
+step's FLOPs (convolutions and matmuls, forward and backward, counted by
+torch.utils.flop_counter) per second, as a fraction of what one large matmul in the step's
+dtype reaches on the same device.
 """
 
 from __future__ import annotations

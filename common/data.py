@@ -131,16 +131,18 @@ def _layout(path: Path):
         if (candidate / "meta").is_file() and (candidate / "test").is_file():
             return _load_cifar100_batches, candidate
     subdirs = [d for d in path.iterdir() if d.is_dir()]
-    for root in [path, *subdirs[:1]] if len(subdirs) == 1 else [path]:  # one wrapper folder allowed
+    roots = [path, *subdirs[:1]] if len(subdirs) == 1 else [path]  # one wrapper folder allowed
+    for root in roots:
         if (root / "train").is_dir() and (root / "test").is_dir():
             return _load_image_folder, root
         if (root / "test").is_dir():
             return _load_test_folder, root
         if _holds_class_folders(root):
             return _load_class_folders, root
-    holding, empty = _subfolders(path)
-    if holding and empty:  # class folders, but not every one holds images
-        raise DataError(f"empty class folder: {empty[0]}")
+    for root in roots:
+        holding, empty = _subfolders(root)
+        if holding and empty:  # class folders, but not every one holds images
+            raise DataError(f"empty class folder: {empty[0]}")
     raise DataError(
         f"{path} has no train/ and test/ folders, no test/ folder and no class folders "
         "(nor a CIFAR python batch)"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import select
 import signal
 import subprocess
 import sys
@@ -144,39 +145,54 @@ def run_script() -> Callable[..., subprocess.CompletedProcess]:
     return run
 
 
-# The helper process behind `training_runs`: it imports train.py once, then forks a run for each
-# line it reads (a log file and train.py's arguments, tab-separated), says `started PID`, and
-# `ended PID CODE` (minus the signal for a killed run) once the run is over.
+# The helper process behind `training_runs`: it imports train.py once (which runs no torch op,
+# so forking after it is safe), then forks a run for each line it reads (a log file and
+# train.py's arguments, tab-separated), says `started PID`, and `ended PID CODE` (minus the
+# signal for a killed run) once the run is over. At the end of its input it kills what still runs.
 FORK_SERVER = """
-import os, select, sys
+import os, select, signal, sys, traceback
 os.chdir(sys.argv[1])
 sys.path.insert(0, sys.argv[1])
 import train
+
+def run(log, args):
+    code = 1
+    try:
+        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)  # not the helper's command pipe
+        out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(out, 1)
+        os.dup2(out, 2)
+        code = train.main(args)
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+running = set()
 while True:
     if select.select([sys.stdin], [], [], 0.05)[0]:
         line = sys.stdin.readline()
         if not line:
             break
         log, *args = line.rstrip("\\n").split("\\t")
-        run = os.fork()
-        if run == 0:
-            code = 1
-            try:
-                out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-                os.dup2(out, 1)
-                os.dup2(out, 2)
-                code = train.main(args)
-            finally:
-                os._exit(code)
-        print("started", run, flush=True)
-    while True:
-        try:
-            run, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
+        pid = os.fork()
+        if pid == 0:
+            run(log, args)
+        running.add(pid)
+        print("started", pid, flush=True)
+    while running:
+        pid, status = os.waitpid(-1, os.WNOHANG)
+        if pid == 0:
             break
-        if run == 0:
-            break
-        print("ended", run, os.waitstatus_to_exitcode(status), flush=True)
+        running.discard(pid)
+        print("ended", pid, os.waitstatus_to_exitcode(status), flush=True)
+for pid in running:
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
 """
 
 
@@ -186,36 +202,41 @@ class TrainingRuns:
 
     def __init__(self) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "text": True}
+        pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "bufsize": 0}
         self.server = subprocess.Popen([sys.executable, "-c", FORK_SERVER, str(ROOT)], env=env, **pipes)
         self.ended: dict[int, int] = {}
 
     def start(self, log: Path, *args: str) -> int:
         """Runs `train.py ARGS > LOG 2>&1`; its pid."""
-        self.server.stdin.write("\t".join([str(log), *args]) + "\n")
-        self.server.stdin.flush()
+        log.write_text("")  # nothing of an earlier run's log is read as this run's
+        self.server.stdin.write(("\t".join([str(log), *args]) + "\n").encode())
         while True:
             word, pid, *code = self.next_line()
             if word == "started":
+                self.ended.pop(int(pid), None)  # a pid used again
                 return int(pid)
             self.ended[int(pid)] = int(code[0])
 
-    def exit_code(self, pid: int) -> int:
+    def exit_code(self, pid: int, timeout: float = 300) -> int:
         """Waits for run `pid` to end: its exit code, or minus the signal that killed it."""
         while pid not in self.ended:
-            word, ended, *code = self.next_line()
+            word, ended, *code = self.next_line(timeout)
             if word == "ended":
                 self.ended[int(ended)] = int(code[0])
         return self.ended[pid]
 
-    def shows(self, pid: int, log: Path, text: str, timeout: float = 120) -> bool:
-        """Waits until `text` is in run `pid`'s log: False if the run ends first."""
+    def wait_until(self, pid: int, condition: Callable[[], bool], timeout: float = 120) -> bool:
+        """Waits until `condition()` holds: False if run `pid` ends first, or after `timeout` s."""
         deadline = time.time() + timeout
         while time.time() < deadline and self.running(pid):
-            if log.exists() and text in log.read_text(errors="replace"):
+            if condition():
                 return True
             time.sleep(0.05)
         return False
+
+    def shows(self, pid: int, log: Path, text: str) -> bool:
+        """Waits until `text` is in run `pid`'s log: False if the run ends first."""
+        return self.wait_until(pid, lambda: text in log.read_text(errors="replace"))
 
     @staticmethod
     def running(pid: int) -> bool:
@@ -226,14 +247,26 @@ class TrainingRuns:
             return False
         return True
 
-    def next_line(self) -> list[str]:
-        line = self.server.stdout.readline()
-        assert line, f"the helper that starts training runs ended ({self.server.poll()})"
-        return line.split()
+    def next_line(self, timeout: float = 300) -> list[str]:
+        """The helper's next line, read a byte at a time so that `select` sees every one."""
+        line, deadline = b"", time.time() + timeout
+        while not line.endswith(b"\n"):
+            ready = select.select([self.server.stdout], [], [], max(0.0, deadline - time.time()))[0]
+            assert ready, f"no word from the helper that starts training runs in {timeout} s"
+            byte = os.read(self.server.stdout.fileno(), 1)
+            assert byte, f"the helper that starts training runs ended ({self.server.poll()})"
+            line += byte
+        return line.decode().split()
 
     def close(self) -> None:
-        self.server.kill()
-        self.server.wait()
+        """Ends the helper, which kills the runs still going."""
+        self.server.stdin.close()
+        try:
+            self.server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.server.kill()
+            self.server.wait()
+        self.server.stdout.close()
 
 
 @pytest.fixture(scope="session")

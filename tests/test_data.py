@@ -120,12 +120,14 @@ def test_bad_image_folder_gives_one_clear_line(tmp_path, make_folder, breaker, s
     assert "\n" not in str(info.value)
 
 
-def test_an_empty_class_folder_of_a_test_set_is_named(tmp_path, tiny_folder):
-    root = shutil.copytree(tiny_folder / "test", tmp_path / "by-class")  # the CIFAR-10.1 layout
+@pytest.mark.parametrize("wrapped", [False, True], ids=["class-folders", "in-a-wrapper-folder"])
+def test_an_empty_class_folder_of_a_test_set_is_named(tmp_path, tiny_folder, wrapped):
+    root = tmp_path / "set" / "by-class" if wrapped else tmp_path / "by-class"  # the CIFAR-10.1 layout
+    shutil.copytree(tiny_folder / "test", root)
     for image in (root / "frog").iterdir():
         image.unlink()
     with pytest.raises(DataError, match="empty class folder: .*frog"):
-        load_splits(str(root))
+        load_splits(str(tmp_path / "set" if wrapped else root))
 
 
 def test_missing_path_and_empty_folder(tmp_path):

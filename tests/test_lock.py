@@ -5,7 +5,6 @@ import contextlib
 import importlib
 import os
 import signal
-import time
 
 import pytest
 
@@ -17,11 +16,8 @@ def training_in(folder, tiny_folder, train_flags, training_runs):
     args = ["--data", str(tiny_folder), *train_flags, "--epochs", "500", "--out", str(out)]
     pid = training_runs.start(log, *args)
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline and not (out / "last.pt").exists():  # training for real
-            assert training_runs.running(pid), log.read_text()
-            time.sleep(0.1)
-        assert (out / "last.pt").exists(), log.read_text()[-2000:]
+        training_for_real = training_runs.wait_until(pid, (out / "last.pt").exists)
+        assert training_for_real, log.read_text()[-2000:]
         yield pid, out
     finally:
         if training_runs.running(pid):

@@ -1,5 +1,7 @@
 """Kills, bad files, full disks and lost ranks: a result is never lost or corrupted."""
 
+import contextlib
+import csv
 import os
 import random
 import resource
@@ -17,13 +19,14 @@ import train
 from common.checkpoint import load_checkpoint
 
 # Where the kills land, in order: (the epoch, what the log shows first, the longest wait after
-# it). The progress bar starts an epoch's steps; the epoch line comes after scoring, before the
-# writes. A point whose epoch a resumed run skips (it was saved before the kill) is dropped.
+# it: so many epochs of trained_run's steps on this machine plus so many seconds). The progress
+# bar starts an epoch's steps; the epoch line comes after scoring, before the writes. A point
+# whose epoch a resumed run skips (it was saved before the kill) is dropped.
 KILL_POINTS = [
-    (1, "epoch 1/2:", 1.5),  # epoch 1's steps: nothing saved yet, the next run starts afresh
-    (1, "epoch   1/2  train", 0.3),  # writing epoch 1's checkpoints, metrics, curves, report
-    (2, "epoch 2/2:", 1.5),  # epoch 2's steps: the next run resumes from epoch 1
-    (2, "epoch   2/2  train", 0.3),  # writing the final files
+    (1, "epoch 1/2:", 0.6, 0.0),  # epoch 1's steps: nothing saved yet, the next run starts afresh
+    (1, "epoch   1/2  train", 0.0, 0.3),  # writing epoch 1's checkpoints, metrics, curves, report
+    (2, "epoch 2/2:", 0.6, 0.0),  # epoch 2's steps: the next run resumes from epoch 1
+    (2, "epoch   2/2  train", 0.0, 0.3),  # writing the final files
 ]
 
 
@@ -34,6 +37,7 @@ def test_kill_9_at_random_points_then_resume_is_exact(
     the resumed run ends with the uninterrupted run's weights, bit for bit."""
     rng = random.Random(0)
     out, log = tmp_path / "run", tmp_path / "log.txt"
+    epoch_s = max(float(row["epoch_s"]) for row in csv.DictReader(open(trained_run / "metrics.csv")))
     points, kills, resumed = list(KILL_POINTS), 0, 0
     for _attempt in range(8):
         resume = (out / "last.pt").exists()
@@ -47,15 +51,13 @@ def test_kill_9_at_random_points_then_resume_is_exact(
         )
         pid = training_runs.start(log, *args)
         if points:
-            _, shows, wait = points.pop(0)
+            _, shows, epochs, seconds = points.pop(0)
             if training_runs.shows(pid, log, shows):
-                time.sleep(rng.uniform(0.0, wait))
-                try:
+                time.sleep(rng.uniform(0.0, epochs * epoch_s + seconds))
+                with contextlib.suppress(ProcessLookupError):  # it may have just finished
                     os.kill(pid, signal.SIGKILL)
-                    kills += 1
-                except ProcessLookupError:
-                    pass  # it had finished
         code = training_runs.exit_code(pid)
+        kills += code == -signal.SIGKILL
         for name in ("last.pt", "best.pt"):
             if (out / name).exists():
                 load_checkpoint(out / name)  # never torn
