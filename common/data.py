@@ -131,18 +131,13 @@ def _layout(path: Path):
         if (candidate / "meta").is_file() and (candidate / "test").is_file():
             return _load_cifar100_batches, candidate
     subdirs = [d for d in path.iterdir() if d.is_dir()]
-    roots = [path, *subdirs[:1]] if len(subdirs) == 1 else [path]  # one wrapper folder allowed
-    for root in roots:
+    for root in [path, *subdirs[:1]] if len(subdirs) == 1 else [path]:  # one wrapper folder allowed
         if (root / "train").is_dir() and (root / "test").is_dir():
             return _load_image_folder, root
         if (root / "test").is_dir():
             return _load_test_folder, root
         if _holds_class_folders(root):
             return _load_class_folders, root
-    for root in roots:
-        holding, empty = _subfolders(root)
-        if holding and empty:  # class folders, but not every one holds images
-            raise DataError(f"empty class folder: {empty[0]}")
     raise DataError(
         f"{path} has no train/ and test/ folders, no test/ folder and no class folders "
         "(nor a CIFAR python batch)"
@@ -150,16 +145,10 @@ def _layout(path: Path):
 
 
 def _holds_class_folders(root: Path) -> bool:
-    """Folders, each holding image files: a test set laid out by class."""
-    holding, empty = _subfolders(root)
-    return bool(holding) and not empty
-
-
-def _subfolders(root: Path) -> tuple[list[Path], list[Path]]:
-    """The visible subfolders of `root`: those that hold files, and the others."""
-    subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    holding = [d for d in subdirs if any(p.is_file() for p in d.iterdir())]
-    return holding, [d for d in subdirs if d not in holding]
+    """Folders holding image files: a test set laid out by class (an empty class folder among
+    them is then named by the loader, as in the other layouts)."""
+    subdirs = [d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")]
+    return any(any(p.is_file() for p in d.iterdir()) for d in subdirs)
 
 
 def _cached(key: tuple, loader, root) -> Splits:
