@@ -41,10 +41,15 @@ CSS = """
 SCRIPT = """
 const cards = Array.from(document.querySelectorAll('.card'));
 function show(card) {
-  const key = card.dataset.method + '|' + card.dataset.target;
+  const [method, target] = [card.dataset.method, card.dataset.target];
   const maps = Array.from(card.querySelectorAll('img.map'));
-  const wanted = maps.find(m => m.dataset.key === key) ? key : maps[0].dataset.key;
-  maps.forEach(m => { m.hidden = m.dataset.key !== wanted; });
+  // A map this card lacks (a target or method another card has): the nearest one it has, and
+  // its buttons then say which.
+  const shown = maps.find(m => m.dataset.key === method + '|' + target)
+    || maps.find(m => m.dataset.key.startsWith(method + '|'))
+    || maps.find(m => m.dataset.key.endsWith('|' + target)) || maps[0];
+  [card.dataset.method, card.dataset.target] = shown.dataset.key.split('|');
+  maps.forEach(m => { m.hidden = m !== shown; });
   card.querySelectorAll('button').forEach(b => {
     b.setAttribute('aria-pressed', String(card.dataset[b.dataset.kind] === b.dataset.value));
   });
@@ -146,7 +151,8 @@ def _controls(runs: list[dict]) -> str:
     methods = "".join(
         _button("method", m, m) for m in dict.fromkeys(f"{r['method']} {r['layer']}" for r in runs)
     )
-    targets = "".join(_button("target", t, name) for t, name in TARGET_NAMES.items())
+    computed = [t for t in TARGET_NAMES if any(not np.isnan(r[f"cam_{t}"]).all() for r in runs)]
+    targets = "".join(_button("target", t, TARGET_NAMES[t]) for t in computed)
     return (f'<div class="explorer-controls"><label>opacity <input id="opacity" type="range" min="0" max="1" '
             f'step="0.05" value="{OPACITY}"> <span id="opacity-value">{round(100 * OPACITY)} %</span></label>'
             f'<div class="choices">every card: {methods}</div>'

@@ -347,3 +347,36 @@ def test_explorer_switches_maps_and_opacity(full_run: Path, browser):
     page.locator("#opacity").fill("0.3")
     assert card.evaluate(SHOWN)[2] == "0.3" and page.locator("#opacity-value").inner_text() == "30 %"
     assert page.errors == []
+
+
+PRESSED = """card => { const m = card.querySelector('img.map:not([hidden])');
+    const pressed = Array.from(card.querySelectorAll('button[aria-pressed=true]'), b => b.dataset.value);
+    const buttons = Array.from(card.querySelectorAll('button'), b => b.dataset.value);
+    return [m.dataset.key, pressed, buttons]; }"""
+
+
+def test_every_card_shows_the_map_its_pressed_buttons_name(full_run: Path, browser):
+    """The user's pictures have no true class and one method: choosing, for every card, a method
+    or target a card lacks shows that card the nearest map it has, with its buttons saying which;
+    the 'every card' row offers only targets some card has."""
+    _npz(full_run / "user_cams.npz", "GradCAM", "layer2", seed=5)
+    with np.load(full_run / "user_cams.npz") as npz:
+        arrays = {**npz, "true": np.full(3, -1), "cam_true": np.full((3, 32, 32), np.nan, np.float32)}
+    np.savez(full_run / "user_cams.npz", **arrays)
+    page = browser(write_report(full_run).as_uri())
+    for value in ["SESS layer4", "true", "contrast"]:
+        page.locator(f'.explorer-controls button[data-value="{value}"]').click()
+        for card in page.locator(".card").all():
+            key, pressed, buttons = card.evaluate(PRESSED)
+            assert sorted(pressed) == sorted(v for v in key.split("|") if v in buttons), (key, pressed)
+    shown = [c.evaluate(PRESSED)[0] for c in page.locator(".card").all()]
+    assert shown == ["SESS layer4|contrast"] * 3 + ["GradCAM layer2|contrast"] * 3
+    only_pictures = full_run / "pictures"
+    only_pictures.mkdir()
+    (full_run / "user_cams.npz").rename(only_pictures / "user_cams.npz")
+    controls = browser(write_report(only_pictures).as_uri()).locator(".explorer-controls button")
+    assert controls.evaluate_all("bs => bs.map(b => b.dataset.value)") == [
+        "GradCAM layer2",
+        "pred",
+        "contrast",
+    ]
