@@ -34,6 +34,7 @@ from common.atomic import atomic_write
 from common.cams import (
     METHODS,
     ROAD_PERCENTILES,
+    SMOOTHING,
     TARGETS,
     choose_methods,
     class_targets,
@@ -182,7 +183,7 @@ def test_images(state: dict, args, model, autocast: torch.dtype | None) -> Selec
     or with --correct all predictions; --class narrows the last two."""
     test, classes = data_for(state, args.data).test, state["classes"]
     mean, std = torch.tensor(state["mean"]), torch.tensor(state["std"])
-    mistakes = not (args.index or args.sample or args.correct)
+    mistakes, weights = not (args.index or args.sample or args.correct), chosen_weights(args)
     if args.index:
         index, what = checked_indices(args.index, len(test)), f"test images {', '.join(map(str, args.index))}"
     elif args.sample:
@@ -190,8 +191,9 @@ def test_images(state: dict, args, model, autocast: torch.dtype | None) -> Selec
         index = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(args.seed))]
         what = f"{{n}} random {described(args.classes)}test images"
     else:
-        # Same predictions as evaluate.py: same precision rule, same pass.
-        probs = predict_probs(model, test.images, mean, std, autocast=autocast).plain
+        # Same predictions and confidences as evaluate.py: same precision rule, same pass, and
+        # calibrated before ranking (a temperature can reorder confidences across images).
+        probs = shown(predict_probs(model, test.images, mean, std, autocast=autocast).plain, state, weights)
         index, what = ranked(probs, test, classes, args)
     limit = len(index) if args.index else args.sample or args.n
     # A margin for the mistakes: re-scored in fp32, as the CAMs run, some may turn right.
@@ -200,7 +202,10 @@ def test_images(state: dict, args, model, autocast: torch.dtype | None) -> Selec
     if mistakes:
         still_wrong = probs.argmax(1) != test.labels[index]
         index, probs = index[still_wrong][:limit], probs[still_wrong][:limit]
-    probs = shown(probs, state, chosen_weights(args))
+    probs = shown(probs, state, weights)
+    if not (args.index or args.sample) and args.order == "confidence":  # in the order they show
+        order = probs.max(1).values.argsort(descending=True, stable=True)
+        index, probs = index[order], probs[order]
     labels = test.labels[index]
     captions = [
         f"#{i} true {classes[t]}\npred {classes[p.argmax()]} {100 * p.max():.0f}%"
@@ -282,6 +287,9 @@ def load_user_images(paths: list[str]) -> tuple[torch.Tensor, list[str]]:
                 size, rgb = img.size, img.convert("RGB")
         except FileNotFoundError:
             raise DataError(f"image not found: {path}") from None
+        except Image.DecompressionBombError:
+            raise DataError(f"{path} has more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels, the most PIL "
+                            "will open: scale it down first") from None  # fmt: skip
         except (UnidentifiedImageError, OSError):
             raise DataError(f"not an image: {path}") from None
         rgb = rgb if size == (32, 32) else rgb.resize((32, 32), Image.BICUBIC)
@@ -315,6 +323,21 @@ class Subject:
             return method
         side = min(min(shape[2:]) for shape in output_shapes(self.model, self.layers[spec]))
         return "gradcam" if side >= FINE_MAP else "sess"
+
+
+def refuse_smoothing_it_cannot_take(s: Subject) -> None:
+    """--aug-smooth and --eigen-smooth, asked of a method that does not take them, are one line
+    (not maps quietly left unsmoothed)."""
+    for option, asked in zip(SMOOTHING, s.smooth):
+        cannot = [(m, spec) for m, spec in s.combos() if asked and option not in METHODS[m].smoothing]
+        if cannot:
+            method, spec = cannot[0]
+            which = METHODS[method].name + (f", the default method at {spec}" if "auto" in s.methods else "")
+            takers = " / ".join(name for name, m in METHODS.items() if option in m.smoothing)
+            raise UsageError(
+                f"--{option.replace('_', '-')} does not apply to {which}: "
+                f"name a method that takes it: --method {takers}"
+            )
 
 
 @dataclass
@@ -504,6 +527,7 @@ def run(args, state: dict, out: Path) -> int:
     model = model.to(torch.device(accelerator), memory_format=torch.channels_last)
     autocast = hardware.autocast_dtype(hardware.default_precision(accelerator))
     s = Subject(model, layers, methods, (args.aug_smooth, args.eigen_smooth), autocast)
+    refuse_smoothing_it_cannot_take(s)
     for method, spec in s.combos():
         where = f"{spec} ({map_size(model, layers[spec])})" if METHODS[method].uses_layer else "every bias"
         print(f"maps       {METHODS[method].name} at {where}")

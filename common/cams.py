@@ -28,7 +28,6 @@ from pytorch_grad_cam import (
     ShapleyCAM,
     XGradCAM,
 )
-from pytorch_grad_cam.base_cam import BaseCAM
 from pytorch_grad_cam.metrics.road import ROADCombined
 from pytorch_grad_cam.utils.model_targets import (
     ClassifierOutputSoftmaxTarget,
@@ -47,6 +46,7 @@ class Method:
     make: Callable  # (model, target_layers) -> a pytorch_grad_cam object
     uses_layer: bool = True  # FullGrad reads every bias gradient, whatever the layer
     images_per_call: int = 64  # SESS and ScoreCAM run many passes per image
+    smoothing: tuple[str, ...] = ("aug_smooth", "eigen_smooth")  # the library's options it takes
 
 
 def _sess(model, layers):
@@ -65,11 +65,14 @@ METHODS = {
     "scorecam": Method("ScoreCAM", ScoreCAM, images_per_call=8),
     "shapleycam": Method("ShapleyCAM", ShapleyCAM),
     "fullgrad": Method("FullGrad", lambda model, layers: FullGrad(model, []), uses_layer=False),
-    "refinecam": Method("RefineCAM", RefineCAM),
-    "sess": Method("SESS", _sess, images_per_call=16),
+    # grad-cam 1.5.7's RefineCAM hands its eigen_smooth on to each layer's CAM as aug_smooth
+    # (refine_cam.py, a positional argument): neither option is offered.
+    "refinecam": Method("RefineCAM", RefineCAM, smoothing=()),
+    "sess": Method("SESS", _sess, images_per_call=16, smoothing=("eigen_smooth",)),
 }
 RANDOM = Method("RandomCAM", RandomCAM)  # the faithfulness baseline
 TARGETS = ("pred", "true", "contrast")
+SMOOTHING = ("aug_smooth", "eigen_smooth")  # the library's two options, in the order of `smooth`
 ROAD_PERCENTILES = [20, 40, 60, 80]  # the predicted class, the true class, the first against the second
 
 
@@ -149,18 +152,19 @@ def compute_cams(
 ) -> np.ndarray:
     """CAMs float32 (N,H,W) in [0,1] of normalised `images`, one target per image.
 
-    smooth: (aug_smooth, eigen_smooth), the library's two smoothing options, where the
-    method takes them.
+    smooth: (aug_smooth, eigen_smooth), the library's two smoothing options; only those in
+    `method.smoothing` may be on (explain.py refuses the others in one line).
     """
     device = next(model.parameters()).device
     maps = np.zeros((len(images), *images.shape[-2:]), np.float32)
     batch = method.images_per_call
+    options = {k: v for k, v in zip(SMOOTHING, smooth) if v}
+    assert set(options) <= set(method.smoothing), f"{method.name} does not take {options}"
     # ScoreCAM and SESS draw progress bars of their own: keep the terminal readable.
     quiet = contextlib.redirect_stderr(io.StringIO())
     with _released(method.make(model, layers)) as cam, quiet:
         if isinstance(cam, ScoreCAM):
             cam.batch_size = 256  # ScoreCAM's masked copies per forward pass (default 16)
-        options = _smoothing(cam, *smooth)
         for start in tqdm(range(0, len(images), batch), desc=desc, leave=False, disable=len(images) <= batch):
             x = images[start : start + batch].to(device)
             maps[start : start + len(x)] = cam(
@@ -178,15 +182,6 @@ def _released(cam):
         for part in [cam, getattr(cam, "base_cam", None), *getattr(cam, "base_cam_per_layer", [])]:
             if hasattr(part, "activations_and_grads"):
                 part.activations_and_grads.release()
-
-
-def _smoothing(cam, aug_smooth: bool, eigen_smooth: bool) -> dict:
-    """The smoothing options this method takes (the meta-methods SESS and RefineCAM take
-    eigen_smooth only)."""
-    options = {"aug_smooth": aug_smooth, "eigen_smooth": eigen_smooth}
-    if not isinstance(cam, BaseCAM):
-        options.pop("aug_smooth")
-    return {k: v for k, v in options.items() if v}
 
 
 def road_scores(

@@ -338,6 +338,8 @@ def _read_split(split_dir: Path, classes: list[str]) -> Dataset:
                 if img.size != (32, 32):
                     raise DataError(f"{file} is {img.size[0]}x{img.size[1]}, not 32x32")
                 images[i] = np.asarray(img.convert("RGB"))  # grayscale/RGBA converted
+        except Image.DecompressionBombError:
+            raise DataError(f"{file} is far larger than 32x32 (more pixels than PIL will open)") from None
         except (UnidentifiedImageError, OSError):
             raise DataError(f"not an image: {file}") from None
     labels = torch.tensor([label for _, label in files], dtype=torch.int64)

@@ -120,6 +120,14 @@ def test_bad_image_folder_gives_one_clear_line(tmp_path, make_folder, breaker, s
     assert "\n" not in str(info.value)
 
 
+def test_a_picture_too_large_for_pil_is_one_clear_line(tmp_path, make_folder, monkeypatch):
+    root = make_folder(tmp_path / "bad")
+    save_png(root / "train" / "cat" / "huge.png", (64, 64))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1500)  # PIL opens up to 3,000 px: 32x32, not 64x64
+    with pytest.raises(DataError, match=r"^\S*huge.png is far larger than 32x32 [^\n]*$"):
+        load_splits(str(root))
+
+
 @pytest.mark.parametrize("wrapped", [False, True], ids=["class-folders", "in-a-wrapper-folder"])
 def test_an_empty_class_folder_of_a_test_set_is_named(tmp_path, tiny_folder, wrapped):
     root = tmp_path / "set" / "by-class" if wrapped else tmp_path / "by-class"  # the CIFAR-10.1 layout

@@ -1,3 +1,4 @@
+import csv
 import json
 
 import numpy as np
@@ -5,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+import evaluate
 import explain
 
 
@@ -101,6 +103,10 @@ def test_fewer_mistakes_than_n_is_not_an_error(tmp_path, explain_run, capsys):
         pytest.param(["--index", "30"], ["--index 30 is out of range", "30 images"], id="index-out-of-range"),
         pytest.param(["--class", "kitten"], ["unknown --class 'kitten'", "airplane"], id="unknown-class"),
         pytest.param(["--target", "both"], ["--target"], id="unknown-target"),
+        pytest.param(["--layer", "layer4", "--aug-smooth"], ["--aug-smooth does not apply to SESS, the "
+                     "default method at layer4: name", "--method gradcam / "], id="aug-smooth-of-sess"),
+        pytest.param(["--method", "refinecam", "--eigen-smooth"],
+                     ["--eigen-smooth does not apply to RefineCAM: name"], id="eigen-smooth-of-refinecam"),
     ],
 )  # fmt: skip
 def test_bad_layer_or_method_is_one_line(explain_run, flags, says, one_line_error, capsys):
@@ -191,3 +197,27 @@ def test_user_images(tmp_path, explain_run, capsys):
     assert (cams["contrast_class"] == np.argsort(-cams["probs"], axis=1)[:, 1]).all()
     assert np.isfinite(cams["cam_contrast"]).all()
     assert "Your pictures" in (tmp_path / "report.html").read_text()
+
+
+def test_a_picture_too_large_for_pil_is_one_line(tmp_path, explain_run, one_line_error, capsys, monkeypatch):
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1500)  # PIL opens up to 3,000 px: not 64x64
+    assert explain_run("--image", str(tmp_path / "huge.png")) == 2
+    one_line_error(capsys.readouterr().err, "huge.png has more than 3,000 pixels", "scale it down")
+
+
+def test_mistakes_are_ranked_by_the_confidence_they_show(val_split_run, tmp_path):
+    """With a fitted temperature the captions show calibrated confidences, and the most confident
+    mistakes are chosen and ordered by them: the mistakes evaluate.py lists first (a temperature
+    can reorder confidences across images)."""
+    ckpt = str(val_split_run / "best.pt")
+    flags = ["--n", "15", "--method", "gradcam", "--target", "pred", "--no-faithfulness"]
+    assert explain.main(["--ckpt", ckpt, "--out", str(tmp_path), *flags]) == 0
+    assert evaluate.main(["--ckpt", ckpt, "--out", str(tmp_path / "evaluate")]) == 0
+    cams = np.load(tmp_path / "cams.npz")
+    confidences = cams["probs"].max(1)
+    assert len(confidences) == 15 and (np.diff(confidences) <= 0).all(), confidences
+    with open(tmp_path / "evaluate" / "predictions.csv") as f:
+        mistakes = [r for r in csv.DictReader(f) if r["true"] != r["pred"]]
+    first = sorted(mistakes, key=lambda r: -float(r["confidence"]))[:15]
+    assert sorted(cams["index"]) == sorted(int(r["index"]) for r in first)
