@@ -31,6 +31,7 @@ CSS = """
 .view img{position:absolute;left:0;top:0;width:160px;height:160px;image-rendering:pixelated}
 .view img.map{opacity:var(--opacity,%OPACITY%)}
 .card .labels{font-size:13px;margin:4px 0}.card .labels b{color:#a3221a}.card .labels b.right{color:#1c7a3a}
+.card .labels b.unjudged{color:#1d2330}
 .card .probs{font-size:12px;color:#6b7385;margin:2px 0 6px}
 .choices{display:flex;flex-wrap:wrap;gap:4px;margin:4px 0}
 .choices button{font:12px system-ui,sans-serif;padding:2px 7px;border:1px solid #c8ccd6;border-radius:4px;
@@ -118,7 +119,8 @@ def _card(k: int, runs: list[dict], user: bool) -> str:
     top = np.argsort(-probs)[:3]
     if user:
         head = (
-            f"picture {int(first['index'][k]) + 1}: <b>{escape(classes[pred])}</b> {100 * probs[pred]:.0f}%"
+            f'picture {int(first["index"][k]) + 1}: <b class="unjudged">{escape(classes[pred])}</b> '
+            f"{100 * probs[pred]:.0f}%"
         )
     else:
         verdict = "right" if pred == true else ""
