@@ -425,8 +425,9 @@ def out_folder(args: dict, resumed: dict | None) -> Path:
 @contextlib.contextmanager
 def results_folder(fabric: Fabric, args: dict, resumed: dict | None) -> Iterator[Path]:
     """The results folder, held by this run for its duration (rank 0 holds the lock; every rank
-    learns whether it could). Refused when another train.py holds it or when it holds a
-    finished run; cleared on --overwrite."""
+    learns whether it could). Refused when another train.py holds it or when it holds another
+    run (a finished one, or with --resume into it, not the run resumed). Nothing in it is
+    touched here: clear_folder() does that once the run has passed every check."""
     out = out_folder(args, resumed)
     if resumed and args.get("overwrite"):
         raise UsageError("--overwrite would delete the run --resume continues; drop one of them")
@@ -442,19 +443,29 @@ def results_folder(fabric: Fabric, args: dict, resumed: dict | None) -> Iterator
             refusal = fabric.broadcast(refusal)
         if refusal:
             raise UsageError(refusal)
-        if (out / results.LAST).exists() and resumed is None and not args.get("overwrite"):
+        last = out / results.LAST
+        if last.exists() and resumed is None and not args.get("overwrite"):
             raise UsageError(
-                f"{out / results.LAST} exists: pass --resume {out / results.LAST} to continue "
-                "that run or --overwrite to replace it"
+                f"{last} exists: pass --resume {last} to continue that run or --overwrite to replace it"
             )
-        if fabric.is_global_zero:
-            remove_stale_temporaries(out)
-            if args.get("overwrite"):
-                results.remove_results(out)
-            if resumed:
-                carry_best(Path(args["resume"]).parent, out)
-        fabric.barrier()
+        if last.exists() and resumed and out.resolve() != Path(args["resume"]).resolve().parent:
+            raise UsageError(
+                f"{last} exists: --out {out} holds another run; to continue {args['resume']} elsewhere, "
+                "pass a new --out"
+            )
         yield out
+
+
+def clear_folder(fabric: Fabric, args: dict, resumed: dict | None, out: Path) -> None:
+    """What --overwrite and --resume do to the results folder, once the data and the config have
+    passed every check: a run refused for bad input has deleted nothing."""
+    if fabric.is_global_zero:
+        remove_stale_temporaries(out)
+        if args.get("overwrite"):
+            results.remove_results(out)
+        if resumed:
+            carry_best(Path(args["resume"]).parent, out)
+    fabric.barrier()
 
 
 @dataclass
@@ -467,7 +478,7 @@ class TrainingData:
     std: list[float]
 
 
-def load_training_data(config: TrainConfig, device: torch.device) -> TrainingData:
+def load_training_data(config: TrainConfig, device: torch.device, resumed: dict | None) -> TrainingData:
     splits = load_training_splits(config.data, config.dataset)
     train, monitor, monitor_name = splits.train, splits.test, "test"
     if config.val_split:
@@ -475,7 +486,9 @@ def load_training_data(config: TrainConfig, device: torch.device) -> TrainingDat
         monitor_name = "val"
     if config.subset:
         train = balanced_subset(train, config.subset, config.seed)
-    mean, std = channel_stats(train.images)
+    # A resumed run goes on normalising as it began (checkpoints from before the statistics were
+    # measured hold CIFAR-10's published ones).
+    mean, std = (resumed["mean"], resumed["std"]) if resumed else channel_stats(train.images)
     return TrainingData(train.to(device), monitor.to(device), monitor_name, splits.source, mean, std)
 
 
@@ -883,8 +896,19 @@ def score(t: Training, model: torch.nn.Module, batch: int = 1000) -> tuple[float
     return (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item()
 
 
+def share_rank_zero_statistics(t: Training) -> None:
+    """DDP hands rank 0's BatchNorm statistics to the other ranks at the start of each forward
+    pass, so after an epoch's last step each rank holds its own: every rank then scores the
+    statistics that rank 0 saves."""
+    if t.fabric.world_size > 1:
+        for model in [t.net, t.ema.model] if t.ema else [t.net]:
+            for buffer in model.buffers():
+                torch.distributed.broadcast(buffer, src=0)
+
+
 def finish_epoch(t: Training, state: RunState, end: EpochEnd) -> None:
     """Score the monitor set, record the epoch, write the checkpoints, metrics and pictures."""
+    share_rank_zero_statistics(t)
     scoring_began = time.perf_counter()
     loss, acc = score(t, t.ema.model if t.ema else t.net)
     score_s = time.perf_counter() - scoring_began
@@ -1220,12 +1244,13 @@ def main(argv: list[str] | None = None) -> int:
     fabric = make_fabric(config, out_folder(args, resumed))
     fabric.launch()
     with results_folder(fabric, args, resumed) as out:
-        data = load_training_data(config, fabric.device)
+        data = load_training_data(config, fabric.device, resumed)
         # evaluate.py and explain.py find a download from any folder: record where it went.
         config = config if config.data else replace(config, data=os.path.abspath(DOWNLOADED[config.dataset]))
         config, chosen = config.for_data(len(data.train), fabric.world_size)
         t = build_training(fabric, config, data, out)
         state = restore(t, resumed) if resumed else RunState()
+        clear_folder(fabric, args, resumed, out)
         print_plan(t, state, set(args), resumed and args["resume"], chosen)
         outcome = run(t, state, started)
     return EXIT_CODES[outcome]

@@ -1,10 +1,13 @@
 """torchrun on the CPU: the ranks must join one process group, not run side by side."""
 
 import csv
+import json
 import subprocess
 import sys
 
 import torch
+
+import evaluate
 
 
 def test_two_cpu_ranks_form_one_group(tmp_path, tiny_folder, trained_run, train_flags, root):
@@ -21,6 +24,12 @@ def test_two_cpu_ranks_form_one_group(tmp_path, tiny_folder, trained_run, train_
     assert "final weights identical on every rank" in result.stdout
     state = torch.load(out / "last.pt", weights_only=True)
     assert state["epoch"] == 2 and len(state["history"]) == 2
+    # Every rank scored the BatchNorm statistics rank 0 saved: last.pt, scored again in one
+    # process, gives the test loss metrics.csv recorded (with each rank's own statistics it was
+    # 1.4e-4 off; summing in another order, 5e-6).
+    assert evaluate.main(["--ckpt", str(out / "last.pt"), "--out", str(tmp_path / "evaluate")]) == 0
+    rescored = json.loads((tmp_path / "evaluate" / "evaluation.json").read_text())["loss"]
+    assert abs(rescored - state["history"][-1]["monitor_loss"]) < 3e-5
     # Against one process on the same global batch (trained_run: the same flags). The
     # gradients are averaged over the same 20 images, so the runs differ only through
     # BatchNorm, which in training normalises each rank's 10 images with their own statistics

@@ -294,6 +294,46 @@ def test_overwrite_clears_the_old_results(tmp_path, tiny_folder, train_flags):
     assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 1
 
 
+@pytest.mark.parametrize(
+    "flags, says",
+    [
+        pytest.param(["--data", "/nowhere"], "not found", id="missing-data"),
+        pytest.param(["--epochs", "1", "--batch-size", "60"], "optimizer step", id="one-step-in-all"),
+    ],
+)
+def test_a_refused_overwrite_deletes_nothing(tmp_path, tiny_folder, flags, says, one_line_error, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("last.pt", "best.pt", "metrics.csv"):
+        (out / name).write_text("a good run")
+    assert train.main(["--data", str(tiny_folder), "--out", str(out), "--overwrite", *flags]) == 2
+    one_line_error(capsys.readouterr().err, says)
+    assert all((out / name).read_text() == "a good run" for name in ("last.pt", "best.pt", "metrics.csv"))
+
+
+def test_resume_into_a_folder_holding_another_run_is_refused(tmp_path, trained_run, one_line_error, capsys):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "last.pt").write_text("another run")
+    assert train.main(["--resume", str(trained_run / "last.pt"), "--out", str(other)]) == 2
+    one_line_error(capsys.readouterr().err, "holds another run", "new --out")
+    assert (other / "last.pt").read_text() == "another run"
+
+
+def test_a_resumed_run_normalises_with_its_checkpoints_statistics(tmp_path, trained_run):
+    """Checkpoints from before the statistics were measured hold CIFAR-10's published ones:
+    the resumed epochs must go on with them."""
+    state = torch.load(trained_run / "last.pt", weights_only=True)
+    published = ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616])
+    state["mean"], state["std"] = published
+    state["config"]["epochs"] = 3  # one more epoch to run
+    (tmp_path / "run").mkdir()
+    torch.save(state, tmp_path / "run" / "last.pt")
+    assert train.main(["--resume", str(tmp_path / "run" / "last.pt")]) == 0
+    resumed = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert resumed["epoch"] == 3 and (resumed["mean"], resumed["std"]) == published
+
+
 def test_val_split_keeps_the_best_epoch(val_split_run):
     """With --val-split, best.pt holds the epoch with the best validation accuracy (the
     second of three here), not the last."""
