@@ -44,7 +44,7 @@ DOWNLOADED = {
     "cifar10": f"{DEFAULT_DOWNLOAD_ROOT}/cifar-10-batches-py",
     "cifar100": f"{DEFAULT_DOWNLOAD_ROOT}/cifar-100-python",
 }
-CACHE_FORMAT = 1  # bump when the cached tensors' layout changes
+CACHE_FORMAT = 2  # bump when the cached tensors' layout changes
 
 
 class DataError(Exception):
@@ -130,14 +130,17 @@ def _layout(path: Path):
     for candidate in (path, path / "cifar-100-python"):
         if (candidate / "meta").is_file() and (candidate / "test").is_file():
             return _load_cifar100_batches, candidate
-    subdirs = [d for d in path.iterdir() if d.is_dir()]
-    for root in [path, *subdirs[:1]] if len(subdirs) == 1 else [path]:  # one wrapper folder allowed
-        if (root / "train").is_dir() and (root / "test").is_dir():
-            return _load_image_folder, root
-        if (root / "test").is_dir():
-            return _load_test_folder, root
-        if _holds_class_folders(root):
-            return _load_class_folders, root
+    subdirs = _visible_folders(path)
+    roots = [path, *subdirs] if len(subdirs) == 1 else [path]  # one wrapper folder allowed
+    layouts = [  # in this order: a wrapper with a README or .DS_Store beside train/ is no test set
+        (lambda root: (root / "train").is_dir() and (root / "test").is_dir(), _load_image_folder),
+        (lambda root: (root / "test").is_dir(), _load_test_folder),
+        (_holds_class_folders, _load_class_folders),
+    ]
+    for holds, loader in layouts:
+        for root in roots:
+            if holds(root):
+                return loader, root
     raise DataError(
         f"{path} has no train/ and test/ folders, no test/ folder and no class folders "
         "(nor a CIFAR python batch)"
@@ -145,10 +148,18 @@ def _layout(path: Path):
 
 
 def _holds_class_folders(root: Path) -> bool:
-    """Folders holding image files: a test set laid out by class (an empty class folder among
-    them is then named by the loader, as in the other layouts)."""
-    subdirs = [d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")]
-    return any(any(p.is_file() for p in d.iterdir()) for d in subdirs)
+    """Folders holding files: a test set laid out by class (an empty class folder among them is
+    then named by the loader, as in the other layouts)."""
+    return any(any(_is_visible_file(p) for p in d.iterdir()) for d in _visible_folders(root))
+
+
+def _visible_folders(root: Path) -> list[Path]:
+    """Subfolders, less hidden ones (.ipynb_checkpoints, .git): never a class or a wrapper."""
+    return sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def _is_visible_file(path: Path) -> bool:
+    return path.is_file() and not path.name.startswith(".")  # .DS_Store is no picture
 
 
 def _cached(key: tuple, loader, root) -> Splits:
@@ -288,7 +299,7 @@ def _load_cifar100_batches(root: Path) -> Splits:
 
 
 def _class_folders(split_dir: Path) -> list[str]:
-    return sorted(d.name for d in split_dir.iterdir() if d.is_dir())
+    return [d.name for d in _visible_folders(split_dir)]
 
 
 def _load_image_folder(root: Path) -> Splits:
@@ -327,7 +338,7 @@ def _read_split(split_dir: Path, classes: list[str]) -> Dataset:
 
     files: list[tuple[Path, int]] = []
     for label, name in enumerate(classes):
-        found = sorted(p for p in (split_dir / name).iterdir() if p.is_file() and not p.name.startswith("."))
+        found = sorted(p for p in (split_dir / name).iterdir() if _is_visible_file(p))
         if not found:
             raise DataError(f"empty class folder: {split_dir / name}")
         files.extend((p, label) for p in found)

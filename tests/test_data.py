@@ -41,6 +41,22 @@ def test_matches_torchvision_imagefolder_order(tiny_folder):
     assert torch.equal(ours.images[7], torch.from_numpy(first).permute(2, 0, 1))
 
 
+@pytest.mark.parametrize("extra", ["README.txt", ".DS_Store"])
+def test_a_wrapper_folder_may_hold_files_beside_the_data(tmp_path, tiny_folder, extra):
+    shutil.copytree(tiny_folder, tmp_path / "download" / "cifar10")
+    (tmp_path / "download" / "cifar10" / extra).write_text("not a picture")
+    assert_same(load_splits(str(tmp_path / "download")), load_splits(str(tiny_folder)))
+
+
+def test_hidden_folders_are_not_classes(tmp_path, tiny_folder):
+    """Jupyter leaves .ipynb_checkpoints in the folders it opens."""
+    shutil.copytree(tiny_folder, tmp_path / "data")
+    for split in ("train", "test"):
+        (tmp_path / "data" / split / ".ipynb_checkpoints").mkdir()
+        save_png(tmp_path / "data" / split / ".ipynb_checkpoints" / "x.png", (32, 32))
+    assert_same(load_splits(str(tmp_path / "data")), load_splits(str(tiny_folder)))
+
+
 def test_second_start_reads_the_cache(tiny_folder, monkeypatch):
     load_splits(str(tiny_folder))
     assert list((cache_root() / "tensors").glob("*.pt"))
