@@ -5,6 +5,7 @@
 START=$(date +%s)
 export XDG_CACHE_HOME=${CACHE:-/tmp/gpu-cache} PYTHONUNBUFFERED=1
 mkdir -p "$OUT" "$W"
+OUT=$(cd "$OUT" && pwd)  # absolute: some steps run from inside $W
 exec > >(tee -a "$OUT/session.log") 2>&1
 
 now() { echo $(($(date +%s) - START)); }
