@@ -182,6 +182,9 @@ def batch_for(n_train: int, world: int) -> tuple[int, str]:
     """BATCH, halved while an epoch would have fewer than MIN_STEPS steps (not below 16 images
     per process), and rounded down to a multiple of the processes: a small run still takes
     enough optimizer steps to learn. Returns (batch, why in words; '' for BATCH)."""
+    if world > BATCH:
+        raise UsageError(f"the default batch of {BATCH} does not split over {world} processes: "
+                         "pass --batch-size")  # fmt: skip
     halved = BATCH
     while math.ceil(n_train / halved) < MIN_STEPS and halved // 2 >= 16 * world:
         halved //= 2

@@ -7,6 +7,7 @@ import torch
 
 import train
 from common.model import build_model
+from common.options import UsageError
 
 
 def weights(path):
@@ -360,6 +361,11 @@ def test_default_batch_leaves_enough_steps(n_train, world, batch):
     assert (why == "") == (batch == train.BATCH)
     if batch != train.BATCH:
         assert f"{math.ceil(n_train / batch)} steps" in why
+
+
+def test_more_processes_than_the_default_batch_must_name_a_batch():
+    with pytest.raises(UsageError, match="does not split over 200 processes: pass --batch-size"):
+        train.batch_for(50_000, 200)
 
 
 @pytest.mark.parametrize(
