@@ -221,7 +221,7 @@ def run(args, state: dict, out: Path) -> int:
 
     pass_start = time.perf_counter()
     autocast = hardware.autocast_dtype(precision)
-    found = predict_probs(model, test.images, mean, std, args.batch_size, autocast, tta=args.tta)
+    found = predict_probs(model, test.images, mean, std, args.batch_size, autocast, args.tta, "scoring")
     pass_s = time.perf_counter() - pass_start
     probs = found.plain
     assert len(probs) == len(test.labels), "every test image is scored exactly once"

@@ -193,7 +193,8 @@ def test_images(state: dict, args, model, autocast: torch.dtype | None) -> Selec
     else:
         # Same predictions and confidences as evaluate.py: same precision rule, same pass, and
         # calibrated before ranking (a temperature can reorder confidences across images).
-        probs = shown(predict_probs(model, test.images, mean, std, autocast=autocast).plain, state, weights)
+        ranking = predict_probs(model, test.images, mean, std, autocast=autocast, desc="ranking the test set")
+        probs = shown(ranking.plain, state, weights)
         index, what = ranked(probs, test, classes, args)
     limit = len(index) if args.index else args.sample or args.n
     # A margin for the mistakes: re-scored in fp32, as the CAMs run, some may turn right.
@@ -406,6 +407,7 @@ def sampled_faithfulness(s: Subject, test: Dataset, state: dict, n: int, seed: i
     """ROAD on a seeded random sample of test images, each method paired against RandomCAM on
     the same images: the mean difference, its 95 % interval and the verdict that gives."""
     index = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))[:n]
+    print(f"faithfulness: ROAD on {len(index)} random test images, against RandomCAM", flush=True)
     mean, std = torch.tensor(state["mean"]), torch.tensor(state["std"])
     preds = predict_probs(s.model, test.images[index], mean, std).plain.argmax(1)
     x = normalize(test.images[index], mean, std)

@@ -38,6 +38,7 @@ from common import hardware, results
 from common.atomic import atomic_write, remove_stale_temporaries
 from common.augment import EpochPlan, augment, plan_epoch
 from common.checkpoint import (
+    CheckpointError,
     git_commit,
     library_versions,
     load_checkpoint,
@@ -448,15 +449,26 @@ def results_folder(fabric: Fabric, args: dict, resumed: dict | None) -> Iterator
             raise UsageError(refusal)
         last = out / results.LAST
         if last.exists() and resumed is None and not args.get("overwrite"):
-            raise UsageError(
-                f"{last} exists: pass --resume {last} to continue that run or --overwrite to replace it"
-            )
+            raise UsageError(f"{last} exists: {what_to_do_with(last)}")
         if last.exists() and resumed and out.resolve() != Path(args["resume"]).resolve().parent:
             raise UsageError(
                 f"{last} exists: --out {out} holds another run; to continue {args['resume']} elsewhere, "
                 "pass a new --out"
             )
         yield out
+
+
+def what_to_do_with(last: Path) -> str:
+    """For a folder that holds a run: resume it if it is unfinished; otherwise start elsewhere."""
+    try:
+        ckpt = load_checkpoint(last)
+        done, planned = int(ckpt["epoch"]), TrainConfig.from_dict(ckpt["config"]).epochs
+    except (CheckpointError, UsageError, KeyError, TypeError, ValueError):
+        return f"pass --resume {last} to continue that run, --overwrite to replace it, or another --out"
+    if done >= planned:
+        return f"it holds a finished run ({planned} epochs): pass --overwrite to replace it, or another --out"
+    return (f"pass --resume {last} to continue that run (at epoch {done + 1} of {planned}) or --overwrite "
+            "to replace it")  # fmt: skip
 
 
 def clear_folder(fabric: Fabric, args: dict, resumed: dict | None, out: Path) -> None:
@@ -883,7 +895,9 @@ def score(t: Training, model: torch.nn.Module, batch: int = 1000) -> tuple[float
     shard = slice(fabric.global_rank, None, fabric.world_size)
     images, labels = t.data.monitor.images[shard], t.data.monitor.labels[shard]
     totals = torch.zeros(2, device=fabric.device, dtype=torch.float64)
-    for start in range(0, len(labels), batch):
+    starts = range(0, len(labels), batch)
+    quiet = not fabric.is_global_zero or len(starts) < 2
+    for start in tqdm(starts, desc=f"scoring the {t.data.monitor_name} set", leave=False, disable=quiet):
         x = normalize(images[start : start + batch], t.mean, t.std).contiguous(
             memory_format=torch.channels_last
         )
@@ -1147,7 +1161,9 @@ def print_plan(
             "for BatchNorm's running statistics, so expect low test accuracy; a smaller --batch-size "
             "gives more steps"
         )
-    if resumed_from:
+    if resumed_from and state.epoch >= c.epochs:  # killed after its last epoch, before the summary
+        p(f"resume    from {resumed_from}: its {c.epochs} epochs are done; the final writes only")
+    elif resumed_from:
         p(f"resume    from {resumed_from}: epoch {state.epoch + 1}, step {state.step}")
 
 

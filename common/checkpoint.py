@@ -44,8 +44,13 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Load with `weights_only=True`; any problem becomes one `CheckpointError` line."""
     path = Path(path)
+    if path.is_dir():
+        inside = ", ".join(str(p) for p in sorted(path.glob("*.pt"))) or "no .pt file"
+        raise CheckpointError(f"{path} is a folder, not a checkpoint: name the file ({inside})")
     if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointError(
+            f"checkpoint not found: {path} (train.py writes best.pt and last.pt into its --out folder)"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:

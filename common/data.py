@@ -115,9 +115,11 @@ def load_training_splits(data: str | None, dataset: str = "cifar10") -> Splits:
     """load_splits(), refusing a test set only: training needs a train split."""
     splits = load_splits(data, dataset)
     if splits.train is None:
+        parent = Path(data).expanduser().resolve().parent
+        above = f" (such as {parent}?)" if (parent / "train").is_dir() and (parent / "test").is_dir() else ""
         raise DataError(
             f"{data} holds a test set only ({splits.source}): evaluate.py and explain.py can use it "
-            "with --data, train.py needs train/ and test/ folders"
+            f"with --data, train.py needs the folder holding train/ and test/{above}"
         )
     return splits
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from common.data import normalize
 from common.model import folded_for_inference
@@ -50,6 +51,7 @@ def predict_probs(
     batch_size: int = 1000,
     autocast: torch.dtype | None = None,
     tta: bool = False,
+    desc: str = "",
 ) -> Predictions:
     """Class probabilities for uint8 images (N,3,32,32), which may live on the host: each
     batch is moved to the model's device.
@@ -57,13 +59,15 @@ def predict_probs(
     With `tta` also the test-time-augmented probabilities, from the same pass: the flip
     average, and (as airbench's ResNet-18 baseline does) half of it plus a quarter each of
     the flip averages of the image shifted by one pixel up-left and down-right. The model runs
-    with its BatchNorms folded into its convolutions (the same outputs, faster).
+    with its BatchNorms folded into its convolutions (the same outputs, faster). With `desc`,
+    a progress bar over more than one batch (10,000 images take minutes on a small CPU).
     """
     model = folded_for_inference(model)
     device = next(model.parameters()).device
     mean, std = mean.to(device), std.to(device)
     plain, flip, flip_translate = [], [], []
-    for start in range(0, max(len(images), 1), batch_size):  # an empty set still gives (0, classes)
+    starts = range(0, max(len(images), 1), batch_size)  # an empty set still gives (0, classes)
+    for start in tqdm(starts, desc=desc, unit="batch", leave=False, disable=not desc or len(starts) < 2):
         x = normalize(images[start : start + batch_size].to(device, non_blocking=True), mean, std)
         x = x.contiguous(memory_format=torch.channels_last)
         ctx = torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext()

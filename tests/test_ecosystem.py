@@ -168,6 +168,11 @@ def test_a_test_only_set_cannot_train(tmp_path, tiny_folder, one_line_error, cap
     one_line_error(capsys.readouterr().err, "test set only", "train/")
 
 
+def test_a_train_folder_given_for_its_parent_names_the_parent(tiny_folder, tmp_path, one_line_error, capsys):
+    assert train.main(["--data", str(tiny_folder / "train"), "--out", str(tmp_path / "run")]) == 2
+    one_line_error(capsys.readouterr().err, "test set only", f"(such as {tiny_folder.resolve()}?)")
+
+
 def test_a_test_set_with_other_classes_is_refused(tmp_path, tiny_folder, trained_run, one_line_error, capsys):
     data = class_folders(tiny_folder, tmp_path / "set")
     (data / "cat").rename(data / "kitten")

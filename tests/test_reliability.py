@@ -160,6 +160,11 @@ def text_file(run, path):
     path.write_text("not a checkpoint")
 
 
+def run_folder(run, path):
+    path.mkdir()
+    (path / "best.pt").write_bytes((run / "best.pt").read_bytes())
+
+
 def imagenet_resnet(run, path):
     from torchvision.models import resnet18
 
@@ -179,6 +184,7 @@ def other_weights(run, path):
         pytest.param(text_file, "not a readable checkpoint", id="text-file"),
         pytest.param(imagenet_resnet, "not a cifar-cam checkpoint", id="another-models-state-dict"),
         pytest.param(other_weights, "do not fit the CIFAR ResNet-18", id="other-weights"),
+        pytest.param(run_folder, "is a folder, not a checkpoint: name the file (", id="a-run-folder"),
     ],
 )
 def test_broken_and_foreign_checkpoints(tmp_path, trained_run, make, says, one_line_error, capsys):

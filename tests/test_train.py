@@ -312,6 +312,23 @@ def test_a_refused_overwrite_deletes_nothing(tmp_path, tiny_folder, flags, says,
     assert all((out / name).read_text() == "a good run" for name in ("last.pt", "best.pt", "metrics.csv"))
 
 
+@pytest.mark.parametrize(
+    "epochs_done, says",
+    [
+        pytest.param(2, ["holds a finished run (2 epochs)", "--overwrite"], id="finished"),
+        pytest.param(1, ["pass --resume", "(at epoch 2 of 2)"], id="unfinished"),
+    ],
+)
+def test_a_folder_holding_a_run_says_what_to_do(
+    tmp_path, tiny_folder, trained_run, epochs_done, says, one_line_error, capsys
+):
+    state = torch.load(trained_run / "last.pt", weights_only=True)
+    state["epoch"] = epochs_done
+    torch.save(state, tmp_path / "last.pt")
+    assert train.main(["--data", str(tiny_folder), "--out", str(tmp_path)]) == 2
+    one_line_error(capsys.readouterr().err, f"{tmp_path / 'last.pt'} exists", *says)
+
+
 def test_resume_into_a_folder_holding_another_run_is_refused(tmp_path, trained_run, one_line_error, capsys):
     other = tmp_path / "other"
     other.mkdir()
