@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 from collections.abc import Sequence
 
 import matplotlib
@@ -99,8 +100,17 @@ def plot_cam_grid(
     # The pictures of a group plus a narrow spacer between groups.
     ratios = ([1] * width + [0.25]) * per_row
     ratios = ratios[:-1]
-    fig = plt.figure(figsize=(sum(ratios) * 1.45, grid_rows * 1.75 + 0.6))
-    grid = fig.add_gridspec(grid_rows, len(ratios), width_ratios=ratios, wspace=0.05, hspace=0.55)
+    # Room above each picture for its caption (a picture of yours has four lines), and a title
+    # wrapped to the figure's width: a narrow figure must not cut it off or run it into them.
+    headings = [h for _, caption, maps in rows for h in [caption, *(m for _, m in maps)]]
+    lines = max((h.count("\n") + 1 for h in headings), default=2)
+    width_in = sum(ratios) * 1.45
+    title = textwrap.fill(title, max(40, int(width_in * 11)))
+    fig = plt.figure(figsize=(width_in, grid_rows * (1.35 + 0.13 * lines)))
+    grid = fig.add_gridspec(
+        grid_rows, len(ratios), width_ratios=ratios, wspace=0.05, hspace=0.12 * lines + 0.3,
+        top=1 - (0.14 * lines + 0.05) / fig.get_figheight(), bottom=0.02,
+    )  # fmt: skip
     for k, (image, caption, maps) in enumerate(rows):
         r, c = divmod(k, per_row)
         for j, (picture, heading) in enumerate([(image, caption), *maps]):
@@ -112,7 +122,7 @@ def plot_cam_grid(
         ax = fig.add_subplot(grid[0, 0])
         ax.text(0.5, 0.5, "no images", ha="center", va="center")
         ax.axis("off")
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title, fontsize=10, y=1.0, va="bottom")  # above the captions; the saved bbox grows to it
     _save(fig, path)
 
 
