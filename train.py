@@ -897,7 +897,8 @@ def score(t: Training, model: torch.nn.Module, batch: int = 1000) -> tuple[float
     totals = torch.zeros(2, device=fabric.device, dtype=torch.float64)
     starts = range(0, len(labels), batch)
     quiet = not fabric.is_global_zero or len(starts) < 2
-    for start in tqdm(starts, desc=f"scoring the {t.data.monitor_name} set", leave=False, disable=quiet):
+    scoring = f"scoring the {t.data.monitor_name} set"
+    for start in tqdm(starts, desc=scoring, unit="batch", leave=False, disable=quiet):
         x = normalize(images[start : start + batch], t.mean, t.std).contiguous(
             memory_format=torch.channels_last
         )
