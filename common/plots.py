@@ -16,6 +16,20 @@ import torch  # noqa: E402
 
 from common.atomic import atomic_write  # noqa: E402
 
+# Class names and file names are text, never TeX: a "$" in one would start mathtext (and an
+# unbalanced one would stop the plot with a parse error).
+plt.rcParams["text.parse_math"] = False
+
+
+def _fit(caption: str, chars: int) -> str:
+    """Each line of a caption wrapped to `chars` characters, so that long class names stay under
+    their own picture instead of running into the next one."""
+    return "\n".join(textwrap.fill(line, chars) or line for line in caption.split("\n"))
+
+
+def _lines(texts: Sequence[str]) -> int:
+    return max((t.count("\n") + 1 for t in texts), default=1)
+
 
 def _save(fig: plt.Figure, path: str | os.PathLike) -> None:
     try:
@@ -48,13 +62,25 @@ def plot_confusion(matrix: torch.Tensor, classes: Sequence[str], path: str | os.
     """Uses torchmetrics' own confusion-matrix plot; rows are true classes."""
     from torchmetrics.utilities.plot import plot_confusion_matrix
 
-    # Counts in the cells while they stay readable: CIFAR-100's 10,000 cells would not be.
-    fig, ax = plot_confusion_matrix(matrix.cpu(), add_text=len(classes) <= 20, labels=list(classes))
-    fig.set_size_inches(8, 7)
+    # Counts in the cells while they stay readable: CIFAR-100's 10,000 cells would not be. The
+    # figure grows with the classes (CIFAR-100's names at 7 pt, one per cell), within limits.
+    n = len(classes)
+    side = min(24.0, max(7.0, 0.22 * n + 2))
+    cell_pt = 0.75 * side * 72 / n
+    fig, ax = plot_confusion_matrix(matrix.cpu(), add_text=n <= 20, labels=list(classes))
+    fig.set_size_inches(side + 1, side)
+    for text in fig.findobj(matplotlib.text.Text):  # made under torchmetrics' style, which parses "$"
+        text.set_parse_math(False)
+    digits = len(str(int(matrix.max()))) if matrix.numel() else 1
+    for text in ax.texts:
+        text.set_fontsize(min(12.0, cell_pt / (0.65 * digits + 0.6)))
+    label_pt = min(10.0, cell_pt * 0.8)
+    plt.setp(ax.get_xticklabels(), rotation=45 if n <= 20 else 90, ha="right" if n <= 20 else "center",
+             rotation_mode="anchor" if n <= 20 else "default", fontsize=label_pt)  # fmt: skip
+    plt.setp(ax.get_yticklabels(), rotation=0, fontsize=label_pt)
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    plt.setp(ax.get_xticklabels(), rotation=45, ha="right")
     _save(fig, path)
 
 
@@ -69,7 +95,9 @@ def plot_gallery(
     """A grid of uint8 (N,3,H,W) images, each with a caption under it."""
     n = max(1, len(images))
     rows = math.ceil(n / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(1.9 * columns, 2.6 * rows + 0.5), squeeze=False)
+    captions = [_fit(c, 26) for c in captions]
+    row_height = 2.2 + 0.14 * _lines(captions)  # the picture, then its caption's lines above it
+    fig, axes = plt.subplots(rows, columns, figsize=(1.9 * columns, row_height * rows + 0.5), squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i < len(images):
@@ -102,8 +130,8 @@ def plot_cam_grid(
     ratios = ratios[:-1]
     # Room above each picture for its caption (a picture of yours has four lines), and a title
     # wrapped to the figure's width: a narrow figure must not cut it off or run it into them.
-    headings = [h for _, caption, maps in rows for h in [caption, *(m for _, m in maps)]]
-    lines = max((h.count("\n") + 1 for h in headings), default=2)
+    rows = [(image, _fit(caption, 20), [(m, _fit(h, 20)) for m, h in maps]) for image, caption, maps in rows]
+    lines = _lines([h for _, caption, maps in rows for h in [caption, *(h for _, h in maps)]])
     width_in = sum(ratios) * 1.45
     title = textwrap.fill(title, max(40, int(width_in * 11)))
     fig = plt.figure(figsize=(width_in, grid_rows * (1.35 + 0.13 * lines)))
@@ -175,7 +203,11 @@ def plot_cam_comparison(
 ) -> None:
     """One row per image: the image, then one CAM overlay per column (method and layer)."""
     n_rows, n_cols = max(1, len(images)), 1 + len(column_titles)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.45 * n_cols, 1.6 * n_rows + 0.9), squeeze=False)
+    row_captions = [_fit(c, 20) for c in row_captions]
+    row_height = 1.36 + 0.12 * _lines(row_captions)
+    fig, axes = plt.subplots(
+        n_rows, n_cols, figsize=(1.45 * n_cols, row_height * n_rows + 0.9), squeeze=False
+    )
     for r, image in enumerate(images):
         axes[r, 0].imshow(image, interpolation="nearest")
         axes[r, 0].set_title(row_captions[r], fontsize=6.5)
