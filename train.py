@@ -1016,9 +1016,13 @@ def run(t: Training, state: RunState, started: float) -> Outcome:
 # --- after training: a temperature for calibrated confidences ---------------------------------
 
 
-def fit_temperature(log_probs: torch.Tensor, labels: torch.Tensor) -> float:
+def fit_temperature(log_probs: torch.Tensor, labels: torch.Tensor) -> float | None:
     """The temperature T that minimises the held-out cross-entropy of softmax(logits / T)
-    (temperature scaling, Guo et al. 2017); log-probabilities serve as logits."""
+    (temperature scaling, Guo et al. 2017); log-probabilities serve as logits. None when every
+    image is predicted right: the loss then falls as T falls to 0, so there is no T to find (and
+    one near 0 would show every prediction, mistakes included, as certain)."""
+    if bool((log_probs.argmax(1) == labels).all()):
+        return None
     log_t = torch.zeros(1, requires_grad=True)
     optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
 
@@ -1047,17 +1051,19 @@ def calibrate(t: Training) -> dict | None:
         )
         labels = val.labels.cpu()
         temperature = fit_temperature(log_probs, labels)
-        best["temperature"] = temperature
-        save_checkpoint(best, t.out / results.BEST)
-        before, after = (F.cross_entropy(log_probs / T, labels).item() for T in (1.0, temperature))
-        found = {
-            "temperature": temperature,
-            "images": len(labels),
-            "val_loss_before": before,
-            "val_loss_after": after,
-        }
-        print(f"calibration temperature {temperature:.3f}, fitted on the {len(labels):,} validation images "
-              f"(their loss {before:.4f} -> {after:.4f}); stored in {t.out / results.BEST}")  # fmt: skip
+        found = {"temperature": temperature, "images": len(labels)}
+        if temperature is None:
+            print(f"no calibration temperature: all {len(labels):,} validation images are predicted right, "
+                  "so none can be fitted; the confidences shown stay the model's own")  # fmt: skip
+        else:
+            best["temperature"] = temperature
+            save_checkpoint(best, t.out / results.BEST)
+            before, after = (F.cross_entropy(log_probs / T, labels).item() for T in (1.0, temperature))
+            found |= {"val_loss_before": before, "val_loss_after": after}
+            print(
+                f"calibration temperature {temperature:.3f}, fitted on the {len(labels):,} validation "
+                f"images (their loss {before:.4f} -> {after:.4f}); stored in {t.out / results.BEST}"
+            )
     t.fabric.barrier()
     return found
 
@@ -1162,6 +1168,10 @@ def print_plan(
             "for BatchNorm's running statistics, so expect low test accuracy; a smaller --batch-size "
             "gives more steps"
         )
+    unseen = [d.train.classes[k] for k in range(len(d.train.classes)) if not (d.train.labels == k).any()]
+    if unseen:  # --val-split draws at random: a class of few images can lose them all
+        p(f"note      no training images of {', '.join(unseen)} (all held out by --val-split or --subset): "
+          "the model never sees them")  # fmt: skip
     if resumed_from and state.epoch >= c.epochs:  # killed after its last epoch, before the summary
         p(f"resume    from {resumed_from}: its {c.epochs} epochs are done; the final writes only")
     elif resumed_from:

@@ -180,7 +180,7 @@ def test_a_test_set_with_other_classes_is_refused(tmp_path, tiny_folder, trained
         evaluate.main(["--ckpt", str(trained_run / "best.pt"), "--data", str(data), "--out", str(tmp_path)])
         == 2
     )
-    one_line_error(capsys.readouterr().err, "differ", "kitten")
+    one_line_error(capsys.readouterr().err, "the data lacks 'cat'", "the checkpoint has no 'kitten'")
 
 
 # --- calibration ----------------------------------------------------------------------------------
@@ -234,6 +234,14 @@ def test_temperature_scaling_recovers_a_known_temperature():
     z = torch.randn(4000, 10, generator=generator) * 2
     labels = torch.multinomial(z.softmax(1), 1, generator=generator).squeeze(1)
     assert abs(train.fit_temperature((3 * z).log_softmax(1), labels) - 3) < 0.15
+
+
+def test_no_temperature_when_every_held_out_image_is_right():
+    """Then the loss falls as T falls to 0: no temperature, not one near 0 that would show every
+    mistake on the test set as 100 % certain."""
+    log_probs = torch.tensor([[2.0, 0.5, 0.0], [0.0, 0.3, 0.2], [0.1, 0.0, 1.0]]).log_softmax(1)
+    assert train.fit_temperature(log_probs, torch.tensor([0, 1, 2])) is None
+    assert train.fit_temperature(log_probs, torch.tensor([0, 2, 2])) > 0.05  # one mistake: a finite T
 
 
 def test_no_validation_split_no_temperature(trained_run):
