@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +48,7 @@ from common.cams import (
     road_scores,
 )
 from common.checkpoint import data_for, model_from_checkpoint, run_on_checkpoint, temperature_for
-from common.data import DataError, Dataset, normalize
+from common.data import DataError, Dataset, normalize, rgb_image
 from common.explorer import OPACITY
 from common.options import (
     Parser,
@@ -161,6 +161,7 @@ class Selection:
     captions: list[str]
     what: str  # e.g. "the 20 most confident mistakes"
     test: Dataset | None  # the test set they come from; None for the user's pictures
+    files: list[str] = field(default_factory=list)  # the user's pictures: their file names
 
     @property
     def user(self) -> bool:
@@ -274,7 +275,8 @@ def user_pictures(state: dict, args, model, autocast: torch.dtype | None) -> Sel
         captions.append(f"{Path(path).name[:18]}\n" + "\n".join(f"{name} {v:.0f}%" for name, v in top))
     labels = torch.full((len(images),), -1)
     what = f"{len(images)} of your pictures"
-    return Selection(images, labels, probs, torch.arange(len(images)), captions, what, None)
+    files = [Path(path).name for path in args.image]
+    return Selection(images, labels, probs, torch.arange(len(images)), captions, what, None, files)
 
 
 def load_user_images(paths: list[str]) -> tuple[torch.Tensor, list[str]]:
@@ -285,9 +287,11 @@ def load_user_images(paths: list[str]) -> tuple[torch.Tensor, list[str]]:
     for path in paths:
         try:
             with Image.open(path) as img:
-                size, rgb = img.size, img.convert("RGB")
+                size, rgb = img.size, rgb_image(img, path)
         except FileNotFoundError:
             raise DataError(f"image not found: {path}") from None
+        except IsADirectoryError:
+            raise DataError(f"{path} is a folder: name its pictures ({path}/*.png)") from None
         except Image.DecompressionBombError:
             raise DataError(f"{path} has more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels, the most PIL "
                             "will open: scale it down first") from None  # fmt: skip
@@ -440,6 +444,7 @@ def save_arrays(cams: list[Cams], sel: Selection, classes: list[str], out: Path)
                 contrast_class=sel.others.numpy().astype(np.int64),
                 probs=sel.probs.numpy().astype(np.float32),
                 images=sel.images.permute(0, 2, 3, 1).numpy(),
+                files=np.array(sel.files, dtype=str),
                 **{f"cam_{t}": c.maps.get(t, missing) for t in TARGETS},
             )
         written.append(name)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import pickle
 import subprocess
+import unicodedata
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -108,12 +109,33 @@ def data_for(state: dict[str, Any], override: str | None) -> Splits:
     splits = load_splits(
         override if override is not None else config.get("data"), config.get("dataset", "cifar10")
     )
-    if list(state["classes"]) != list(splits.test.classes):
-        raise CheckpointError(
-            f"the checkpoint's classes {list(state['classes'])} differ from the data's "
-            f"{list(splits.test.classes)} ({splits.source})"
-        )
+    # In composed form, as data.py names folders (a checkpoint from before it may hold either).
+    ours = [unicodedata.normalize("NFC", c) for c in state["classes"]]
+    theirs = list(splits.test.classes)
+    if ours != theirs:
+        raise CheckpointError(f"the data's classes are not the checkpoint's ({splits.source}): "
+                              f"{class_difference(ours, theirs)}")  # fmt: skip
     return splits
+
+
+def class_difference(ours: list[str], theirs: list[str]) -> str:
+    """What differs between two lists of class names, in words (100 names are not read by eye)."""
+
+    def few(names: list[str]) -> str:
+        return ", ".join(map(repr, names[:8])) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+
+    missing = [c for c in ours if c not in theirs]
+    extra = [c for c in theirs if c not in ours]
+    if not (missing or extra):
+        first = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
+        return (f"the same names in another order: class {first} is {ours[first]!r} in the checkpoint, "
+                f"{theirs[first]!r} in the data")  # fmt: skip
+    parts = []
+    if missing:
+        parts.append(f"the data lacks {few(missing)}")
+    if extra:
+        parts.append(f"the checkpoint has no {few(extra)}")
+    return "; ".join(parts)
 
 
 def run_on_checkpoint(args: Any, run: Callable[[Any, dict[str, Any], Path], int]) -> int:

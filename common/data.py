@@ -25,6 +25,7 @@ import hashlib
 import os
 import pickle
 import tarfile
+import unicodedata
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -44,7 +45,7 @@ DOWNLOADED = {
     "cifar10": f"{DEFAULT_DOWNLOAD_ROOT}/cifar-10-batches-py",
     "cifar100": f"{DEFAULT_DOWNLOAD_ROOT}/cifar-100-python",
 }
-CACHE_FORMAT = 2  # bump when the cached tensors' layout changes
+CACHE_FORMAT = 3  # bump when what is cached changes (3: class names in NFC, Thumbs.db skipped)
 
 
 class DataError(Exception):
@@ -160,8 +161,21 @@ def _visible_folders(root: Path) -> list[Path]:
     return sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
+# Files that file managers leave in folders: never pictures (.DS_Store and ._* are hidden).
+_SYSTEM_FILES = {"thumbs.db", "desktop.ini", "ehthumbs.db"}
+
+
 def _is_visible_file(path: Path) -> bool:
-    return path.is_file() and not path.name.startswith(".")  # .DS_Store is no picture
+    return path.is_file() and not path.name.startswith(".") and path.name.lower() not in _SYSTEM_FILES
+
+
+def rgb_image(img, path: str | os.PathLike):
+    """A PIL image as 8-bit RGB (grayscale, palette, RGBA and CMYK converted), refusing 16-bit,
+    32-bit and float pixels: PIL's conversion clips them (a 12-bit grayscale picture turns white)."""
+    if img.mode in ("I", "F") or img.mode.startswith("I;"):
+        raise DataError(f"{path} has {'float' if img.mode == 'F' else 'integer'} pixels of more than "
+                        f"8 bits (PIL mode {img.mode}): save it as an 8-bit picture")  # fmt: skip
+    return img.convert("RGB")
 
 
 def _cached(key: tuple, loader, root) -> Splits:
@@ -300,8 +314,11 @@ def _load_cifar100_batches(root: Path) -> Splits:
 # --- image folders --------------------------------------------------------------------
 
 
-def _class_folders(split_dir: Path) -> list[str]:
-    return [d.name for d in _visible_folders(split_dir)]
+def _class_folders(split_dir: Path) -> dict[str, Path]:
+    """Class name -> its folder, sorted by name (ImageFolder's order). Names are taken in Unicode's
+    composed form (NFC): macOS writes "café" decomposed, most other systems composed, and the
+    same class must have the same name whichever system unpacked it."""
+    return dict(sorted((unicodedata.normalize("NFC", d.name), d) for d in _visible_folders(split_dir)))
 
 
 def _load_image_folder(root: Path) -> Splits:
@@ -309,40 +326,35 @@ def _load_image_folder(root: Path) -> Splits:
     test_classes = _class_folders(root / "test")
     if not train_classes:
         raise DataError(f"{root / 'train'} has no class folders")
-    if train_classes != test_classes:
+    if list(train_classes) != list(test_classes):
         only_train = sorted(set(train_classes) - set(test_classes))
         only_test = sorted(set(test_classes) - set(train_classes))
         raise DataError(
             f"train and test class folders differ in {root}: only in train "
             f"{only_train}, only in test {only_test}"
         )
-    return Splits(
-        _read_split(root / "train", train_classes),
-        _read_split(root / "test", train_classes),
-        f"image folder ({root})",
-    )
+    return Splits(_read_split(train_classes), _read_split(test_classes), f"image folder ({root})")
 
 
 def _load_test_folder(root: Path) -> Splits:
     """A folder with test/<class>/ only."""
-    return Splits(
-        None, _read_split(root / "test", _class_folders(root / "test")), f"test set, image folder ({root})"
-    )
+    return Splits(None, _read_split(_class_folders(root / "test")), f"test set, image folder ({root})")
 
 
 def _load_class_folders(root: Path) -> Splits:
     """A folder of class folders: a test set."""
-    return Splits(None, _read_split(root, _class_folders(root)), f"test set, class folders ({root})")
+    return Splits(None, _read_split(_class_folders(root)), f"test set, class folders ({root})")
 
 
-def _read_split(split_dir: Path, classes: list[str]) -> Dataset:
+def _read_split(folders: dict[str, Path]) -> Dataset:
+    """The pictures of each class folder (class name -> folder), labelled in that order."""
     from PIL import Image, UnidentifiedImageError
 
     files: list[tuple[Path, int]] = []
-    for label, name in enumerate(classes):
-        found = sorted(p for p in (split_dir / name).iterdir() if _is_visible_file(p))
+    for label, folder in enumerate(folders.values()):
+        found = sorted(p for p in folder.iterdir() if _is_visible_file(p))
         if not found:
-            raise DataError(f"empty class folder: {split_dir / name}")
+            raise DataError(f"empty class folder: {folder}")
         files.extend((p, label) for p in found)
     images = np.empty((len(files), 32, 32, 3), dtype=np.uint8)
     for i, (file, _) in enumerate(files):
@@ -350,13 +362,13 @@ def _read_split(split_dir: Path, classes: list[str]) -> Dataset:
             with Image.open(file) as img:
                 if img.size != (32, 32):
                     raise DataError(f"{file} is {img.size[0]}x{img.size[1]}, not 32x32")
-                images[i] = np.asarray(img.convert("RGB"))  # grayscale/RGBA converted
+                images[i] = np.asarray(rgb_image(img, file))
         except Image.DecompressionBombError:
             raise DataError(f"{file} is far larger than 32x32 (more pixels than PIL will open)") from None
         except (UnidentifiedImageError, OSError):
             raise DataError(f"not an image: {file}") from None
     labels = torch.tensor([label for _, label in files], dtype=torch.int64)
-    return Dataset(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels, list(classes))
+    return Dataset(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels, list(folders))
 
 
 def write_image_folder(

@@ -1,4 +1,5 @@
 import shutil
+import unicodedata
 
 import numpy as np
 import pytest
@@ -57,6 +58,25 @@ def test_hidden_folders_are_not_classes(tmp_path, tiny_folder):
     assert_same(load_splits(str(tmp_path / "data")), load_splits(str(tiny_folder)))
 
 
+@pytest.mark.parametrize("system_file", [".DS_Store", "Thumbs.db", "desktop.ini"])
+def test_files_a_file_manager_leaves_are_not_pictures(tmp_path, tiny_folder, system_file):
+    """macOS, Windows Explorer: folders opened with them hold these beside the pictures."""
+    shutil.copytree(tiny_folder, tmp_path / "data")
+    (tmp_path / "data" / "train" / "cat" / system_file).write_bytes(b"\0\1not a picture")
+    assert_same(load_splits(str(tmp_path / "data")), load_splits(str(tiny_folder)))
+
+
+def test_class_names_are_the_same_however_the_system_wrote_them(tmp_path, make_folder):
+    """macOS writes "élan" decomposed (e + a combining accent), Linux composed: one class, which
+    sorts where the composed name sorts (after the ASCII names; decomposed it sorts before frog)."""
+    root = make_folder(tmp_path / "d")
+    for split, form in (("train", "NFD"), ("test", "NFC")):
+        (root / split / "cat").rename(root / split / unicodedata.normalize(form, "élan"))
+    splits = load_splits(str(root))
+    assert splits.train.classes == splits.test.classes
+    assert splits.train.classes[-1] == unicodedata.normalize("NFC", "élan")
+
+
 def test_second_start_reads_the_cache(tiny_folder, monkeypatch):
     load_splits(str(tiny_folder))
     assert list((cache_root() / "tensors").glob("*.pt"))
@@ -86,6 +106,17 @@ def test_grayscale_is_converted(tmp_path, make_folder):
     Image.fromarray(np.full((32, 32), 77, np.uint8), mode="L").save(root / "test" / "cat" / "00000_gray.png")
     test = load_splits(str(root)).test
     assert len(test) == 31 and test.images.shape[1] == 3
+
+
+@pytest.mark.parametrize("mode, pixels", [("I;16", np.uint16), ("I", np.int32), ("F", np.float32)])
+def test_deep_pixels_are_refused_not_clipped(tmp_path, make_folder, mode, pixels):
+    """PIL's conversion to RGB clips them: a 12-bit grayscale picture turned white."""
+    root = make_folder(tmp_path / "d")
+    deep = Image.fromarray(np.full((32, 32), 2000, pixels) if mode != "F" else np.full((32, 32), 0.5, pixels))
+    deep.save(root / "train" / "cat" / "deep.tif")
+    assert Image.open(root / "train" / "cat" / "deep.tif").mode == mode
+    with pytest.raises(DataError, match=f"more than 8 bits .PIL mode {mode}.: save it as an 8-bit picture"):
+        load_splits(str(root))
 
 
 def test_subset_is_balanced_and_val_split_is_disjoint(tiny_folder):

@@ -2,9 +2,11 @@ import csv
 import json
 import shutil
 
+import pytest
 import torch
 
 import evaluate
+from common.checkpoint import class_difference
 from common.model import build_model
 
 
@@ -103,4 +105,18 @@ def test_refuses_data_with_other_class_names(tmp_path, trained_run, tiny_folder,
         == 2
     )
     err = capsys.readouterr().err
-    assert "classes" in err and "differ" in err and err.count("\n") == 1
+    assert "the data lacks 'cat'; the checkpoint has no 'kitten'" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "theirs, said",
+    [
+        (["a", "c", "b"], "another order: class 1 is 'b' in the checkpoint, 'c' in the data"),
+        (["a", "b"], "the data lacks 'c'"),
+        (["a", "b", "c", "d"], "the checkpoint has no 'd'"),
+        ([f"x{i}" for i in range(12)], "the data lacks 'a', 'b', 'c'; the checkpoint has no 'x0', 'x1', "
+         "'x2', 'x3', 'x4', 'x5', 'x6', 'x7' and 4 more"),
+    ],
+)  # fmt: skip
+def test_a_class_mismatch_names_what_differs(theirs, said):
+    assert class_difference(["a", "b", "c"], theirs).endswith(said)

@@ -196,7 +196,9 @@ def test_user_images(tmp_path, explain_run, capsys):
     # the contrast of a picture with no true class: the top class against the runner-up
     assert (cams["contrast_class"] == np.argsort(-cams["probs"], axis=1)[:, 1]).all()
     assert np.isfinite(cams["cam_contrast"]).all()
-    assert "Your pictures" in (tmp_path / "report.html").read_text()
+    assert list(cams["files"]) == ["wide.png", "gray.png"]
+    report = (tmp_path / "report.html").read_text()
+    assert "Your pictures" in report and "wide.png: <b" in report and "gray.png: <b" in report
 
 
 def test_a_picture_too_large_for_pil_is_one_line(tmp_path, explain_run, one_line_error, capsys, monkeypatch):
