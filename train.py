@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import signal
 import sys
 import time
@@ -74,7 +75,7 @@ from common.report import write_report
 BATCH = 128  # the default global batch on a full training set (benchmarks/recipes.md)
 LR_PER_BATCH = 0.2  # the default peak lr at that batch, scaled with the square root of the batch
 MIN_STEPS = 50  # optimizer steps per epoch below which the default batch is halved
-REFRESH_EVERY = 10  # steps between progress-bar refreshes, the only host syncs in an epoch
+REFRESH_EVERY = 10  # steps between progress-bar refreshes on a GPU, the only host syncs in an epoch
 LOGGERS = ("csv", "tensorboard", "none")
 FLIPS = ("random", "alternate")
 PADDINGS = ("zero", "reflect")
@@ -455,7 +456,27 @@ def results_folder(fabric: Fabric, args: dict, resumed: dict | None) -> Iterator
                 f"{last} exists: --out {out} holds another run; to continue {args['resume']} elsewhere, "
                 "pass a new --out"
             )
+        if last.exists() and resumed and Path(args["resume"]).resolve() != last.resolve():
+            refuse_rewinding(last, resumed, args["resume"])
         yield out
+
+
+def refuse_rewinding(last: Path, resumed: dict, path: str) -> None:
+    """--resume best.pt (an earlier epoch) into its own folder would retrain over last.pt's later
+    epochs: refused while last.pt is ahead of it."""
+    try:
+        later = load_checkpoint(last)
+        theirs, ours = (
+            (int(later["epoch"]), int(later["step"])),
+            (int(resumed["epoch"]), int(resumed["step"])),
+        )
+    except (CheckpointError, KeyError, TypeError, ValueError):
+        return  # an unreadable last.pt holds nothing to lose
+    if theirs > ours:
+        raise UsageError(
+            f"{last} beside {path} is further on (epochs done, steps: {theirs} against {ours}): "
+            f"resuming {path} here would train over it; resume {quoted(last)}, or pass another --out"
+        )
 
 
 def what_to_do_with(last: Path) -> str:
@@ -464,11 +485,21 @@ def what_to_do_with(last: Path) -> str:
         ckpt = load_checkpoint(last)
         done, planned = int(ckpt["epoch"]), TrainConfig.from_dict(ckpt["config"]).epochs
     except (CheckpointError, UsageError, KeyError, TypeError, ValueError):
-        return f"pass --resume {last} to continue that run, --overwrite to replace it, or another --out"
-    if done >= planned:
+        return (
+            f"pass --resume {quoted(last)} to continue that run, --overwrite to replace it, or another --out"
+        )
+    if done >= planned and (last.parent / results.SUMMARY).exists():
         return f"it holds a finished run ({planned} epochs): pass --overwrite to replace it, or another --out"
-    return (f"pass --resume {last} to continue that run (at epoch {done + 1} of {planned}) or --overwrite "
-            "to replace it")  # fmt: skip
+    if done >= planned:  # stopped after its last epoch, before the final writes
+        return (f"its {planned} epochs are done but not its final writes: pass --resume {quoted(last)} to "
+                "finish them, --overwrite to replace it, or another --out")  # fmt: skip
+    return (f"pass --resume {quoted(last)} to continue that run (at epoch {done + 1} of {planned}) or "
+            "--overwrite to replace it")  # fmt: skip
+
+
+def quoted(path: Path | str) -> str:
+    """A path as it must be typed in a shell command (spaces and all)."""
+    return shlex.quote(str(path))
 
 
 def clear_folder(fabric: Fabric, args: dict, resumed: dict | None, out: Path) -> None:
@@ -835,6 +866,10 @@ def run_epoch(t: Training, state: RunState, stop: StopRequest) -> EpochEnd:
     bar = progress_bar(t, state)
     timer = StepTimer(state.partial.seconds)
     steps_to_log: list[tuple[int, torch.Tensor, float]] = []  # (run step, loss, lr) since the last sync
+    # The ranks agree (stop? a non-finite loss?) at each progress-bar refresh: every 10 steps on a
+    # GPU, where it is the loop's one host sync; every step on the CPU, which has no queue to
+    # drain and whose steps take seconds (torchrun kills its workers 30 s after a Ctrl-C).
+    agree_every = 1 if fabric.device.type == "cpu" else REFRESH_EVERY
     for step in range(state.step, t.steps_per_epoch):
         lr = t.scheduler.get_last_lr()[0]  # the rate this step uses
         x, y = training_batch(t.data.train, plan.rows(step), t.mean, t.std, t.config)
@@ -850,7 +885,7 @@ def run_epoch(t: Training, state: RunState, stop: StopRequest) -> EpochEnd:
         steps_to_log += [(run_step, loss, lr)] if fabric.loggers else []
         bar.update(1)
         last = step + 1 == t.steps_per_epoch
-        if (step + 1) % REFRESH_EVERY and not last and not (world == 1 and stop.signal):
+        if (step + 1) % agree_every and not last and not (world == 1 and stop.signal):
             continue
         stop_now, first_bad = agree(fabric, stop.signal is not None, bad_step)
         if first_bad >= 0:
@@ -1130,7 +1165,9 @@ def rank_zero_error(fabric: Fabric, message: str) -> None:
 
 def say_interrupted(t: Training, where: str) -> None:
     last = t.out / results.LAST
-    t.fabric.print(f"\ninterrupted: saved {last} {where}; continue with: python train.py --resume {last}")
+    t.fabric.print(
+        f"\ninterrupted: saved {last} {where}; continue with: python train.py --resume {quoted(last)}"
+    )
 
 
 def print_plan(
@@ -1250,7 +1287,7 @@ def print_summary(summary: dict, out: Path) -> None:
     if summary["img_per_s"]:
         print(f"  throughput            {summary['img_per_s']:,.0f} img/s")
     print("  files                 " + "\n                        ".join(summary["files"]))
-    print(f"next: python evaluate.py --ckpt {out / results.BEST}")
+    print(f"next: python evaluate.py --ckpt {quoted(out / results.BEST)}")
 
 
 def lost_peer(err: BaseException) -> bool:

@@ -52,6 +52,10 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(
             f"checkpoint not found: {path} (train.py writes best.pt and last.pt into its --out folder)"
         )
+    damaged = _damaged_record(path)
+    if damaged:
+        raise CheckpointError(f"{path} is damaged: its record {damaged} fails its checksum (a bad copy "
+                              "or disk); use another copy")  # fmt: skip
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -70,6 +74,17 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             f"{path} is not a cifar-cam checkpoint (expected a dict with {', '.join(REQUIRED_KEYS)})"
         )
     return state
+
+
+def _damaged_record(path: Path) -> str | None:
+    """The first record of a checkpoint (a zip archive) whose bytes fail their CRC: torch.load
+    does not check them, and flipped bytes in a weight gave a model that scored NaN. None when
+    all pass, or when the file is no zip archive (torch.load then says what it is)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        return None
 
 
 def weights_key(state: dict[str, Any], weights: str) -> str:

@@ -156,6 +156,14 @@ def truncated(run, path):
     path.write_bytes((run / "best.pt").read_bytes()[:100_000])
 
 
+def damaged(run, path):
+    """Bytes flipped inside the largest weight: torch.load reads it; its CRC says it is wrong."""
+    data = bytearray((run / "best.pt").read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 4096] = bytes(255 - b for b in data[middle : middle + 4096])
+    path.write_bytes(bytes(data))
+
+
 def text_file(run, path):
     path.write_text("not a checkpoint")
 
@@ -182,6 +190,7 @@ def other_weights(run, path):
     [
         pytest.param(truncated, "not a readable checkpoint", id="truncated"),
         pytest.param(text_file, "not a readable checkpoint", id="text-file"),
+        pytest.param(damaged, "fails its checksum", id="damaged-bytes"),
         pytest.param(imagenet_resnet, "not a cifar-cam checkpoint", id="another-models-state-dict"),
         pytest.param(other_weights, "do not fit the CIFAR ResNet-18", id="other-weights"),
         pytest.param(run_folder, "is a folder, not a checkpoint: name the file (", id="a-run-folder"),

@@ -1,6 +1,7 @@
 import csv
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -308,22 +309,42 @@ def test_a_refused_overwrite_deletes_nothing(tmp_path, tiny_folder, flags, says,
 
 
 @pytest.mark.parametrize(
-    "epochs_done, says",
+    "epochs_done, summary, says",
     [
-        pytest.param(2, ["holds a finished run (2 epochs)", "--overwrite"], id="finished"),
-        pytest.param(1, ["pass --resume", "(at epoch 2 of 2)"], id="unfinished"),
+        pytest.param(2, True, ["holds a finished run (2 epochs)", "--overwrite"], id="finished"),
+        pytest.param(
+            2, False, ["epochs are done but not its final writes", "pass --resume '"], id="final-writes"
+        ),
+        pytest.param(1, False, ["pass --resume '", "(at epoch 2 of 2)"], id="unfinished"),
     ],
 )
 def test_a_folder_holding_a_run_says_what_to_do(
-    tmp_path, tiny_folder, trained_run, epochs_done, says, one_line_error, capsys
+    tmp_path, tiny_folder, trained_run, epochs_done, summary, says, one_line_error, capsys
 ):
+    """The command it suggests can be pasted into a shell: the folder's name has a space."""
+    out = tmp_path / "my run"
+    out.mkdir()
     state = torch.load(trained_run / "last.pt", weights_only=True)
     state["epoch"] = epochs_done
-    torch.save(state, tmp_path / "last.pt")
-    before = (tmp_path / "last.pt").read_bytes()
-    assert train.main(["--data", str(tiny_folder), "--out", str(tmp_path)]) == 2
-    one_line_error(capsys.readouterr().err, f"{tmp_path / 'last.pt'} exists", *says)
-    assert (tmp_path / "last.pt").read_bytes() == before  # never clobbered
+    torch.save(state, out / "last.pt")
+    if summary:
+        shutil.copy(trained_run / "summary.json", out)
+    before = (out / "last.pt").read_bytes()
+    assert train.main(["--data", str(tiny_folder), "--out", str(out)]) == 2
+    one_line_error(capsys.readouterr().err, f"{out / 'last.pt'} exists", *says)
+    assert (out / "last.pt").read_bytes() == before  # never clobbered
+
+
+def test_resume_from_an_earlier_checkpoint_never_trains_over_a_later_one(
+    tmp_path, val_split_run, one_line_error, capsys
+):
+    """best.pt is epoch 2 of 3 there: resumed into its own folder it would retrain epoch 3 over
+    last.pt."""
+    run = shutil.copytree(val_split_run, tmp_path / "run")
+    before = (run / "last.pt").read_bytes()
+    assert train.main(["--resume", str(run / "best.pt")]) == 2
+    one_line_error(capsys.readouterr().err, "is further on", f"resume {run / 'last.pt'}")
+    assert (run / "last.pt").read_bytes() == before
 
 
 def test_resume_into_a_folder_holding_another_run_is_refused(tmp_path, trained_run, one_line_error, capsys):
