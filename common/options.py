@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 
 
 class UsageError(Exception):
@@ -92,6 +95,25 @@ def chosen_weights(args: argparse.Namespace) -> str:
     return "ema" if args.ema else args.weights
 
 
+@contextlib.contextmanager
+def sigterm_as_ctrl_c() -> Iterator[None]:
+    """SIGTERM (`kill`, a batch scheduler, torchrun stopping its workers) stops a script as Ctrl-C
+    does, one line and exit 130, rather than killing it without a word. train.py's loop installs
+    its own handler for both while it trains."""
+    if threading.current_thread() is not threading.main_thread():  # only there can handlers be set
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def command(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
     """Turn the project's user-facing errors into one line on stderr and exit code 2."""
     from common.checkpoint import CheckpointError
@@ -100,7 +122,8 @@ def command(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | No
     @functools.wraps(main)
     def wrapper(argv: list[str] | None = None) -> int:
         try:
-            return main(argv)
+            with sigterm_as_ctrl_c():
+                return main(argv)
         except (UsageError, DataError, CheckpointError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2

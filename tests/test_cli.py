@@ -37,3 +37,16 @@ def test_bad_flags_and_paths(tmp_path, run_script, one_line_error, args, says):
     result = run_script(*args(tmp_path))
     assert result.returncode == 2
     one_line_error(result.stderr, *says)
+
+
+def test_sigterm_stops_a_script_as_ctrl_c_does(run_script):
+    """`kill PID` or a batch scheduler: one line and exit 130, not a silent death (the training
+    loop's own handling, which saves last.pt, is tested beside train.py)."""
+    code = (
+        "import os, signal, time\n"
+        "from common.options import command\n"
+        "main = command(lambda argv: os.kill(os.getpid(), signal.SIGTERM) or time.sleep(60) or 0)\n"
+        "raise SystemExit(main([]))\n"
+    )
+    result = run_script("-c", code)
+    assert result.returncode == 130 and result.stderr.strip() == "interrupted"
