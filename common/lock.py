@@ -55,7 +55,12 @@ def hold_folder(folder: Path) -> Iterator[None]:
 def share_folder(folder: Path) -> Iterator[None]:
     """For evaluate.py and explain.py: write into the folder, for the duration of the block, only
     if no training run holds it (and keep one from starting there meanwhile)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / LOCK_NAME, "a+") as handle:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = open(folder / LOCK_NAME, "a+")
+    except OSError as err:  # a read-only share or somebody else's folder: the checkpoint's, by default
+        raise UsageError(f"cannot write into {folder} ({err.strerror}): pass --out to write the results "
+                         "elsewhere") from None  # fmt: skip
+    with handle:
         _take(handle, folder, fcntl.LOCK_SH, "pass --out to write the results elsewhere")
         yield

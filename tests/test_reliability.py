@@ -143,6 +143,14 @@ def test_full_disk_leaves_the_good_checkpoint_alone(tmp_path, tiny_folder, train
     assert not list(out.glob(".*.tmp*"))
 
 
+def test_a_results_folder_evaluate_cannot_write_says_pass_out(tmp_path, trained_run, one_line_error, capsys):
+    """By default the checkpoint's own folder, which may be a read-only share."""
+    (tmp_path / "file").write_text("a regular file")
+    out = tmp_path / "file" / "sub"
+    assert evaluate.main(["--ckpt", str(trained_run / "best.pt"), "--out", str(out)]) == 2
+    one_line_error(capsys.readouterr().err, f"cannot write into {out}", "pass --out")
+
+
 def test_out_that_cannot_be_created(tmp_path, tiny_folder, train_flags, capsys):
     (tmp_path / "file").write_text("a regular file")
     assert (
