@@ -361,7 +361,8 @@ def _read_split(folders: dict[str, Path]) -> Dataset:
         try:
             with Image.open(file) as img:
                 if img.size != (32, 32):
-                    raise DataError(f"{file} is {img.size[0]}x{img.size[1]}, not 32x32")
+                    raise DataError(f"{file} is {img.size[0]}x{img.size[1]}, not 32x32: the model takes "
+                                    "CIFAR-sized pictures; resize the folder's pictures first")  # fmt: skip
                 images[i] = np.asarray(rgb_image(img, file))
         except Image.DecompressionBombError:
             raise DataError(f"{file} is far larger than 32x32 (more pixels than PIL will open)") from None

@@ -158,8 +158,8 @@ def _header(summary: dict, evaluation: dict) -> str:
                 ("loss ", e.get("loss"), "{:.4f}", ""),
                 ("with flip TTA ", _dig(tta, "flip", "accuracy"), "%", ""),
                 ("flip + shifts ", _dig(tta, "flip_translate", "accuracy"), "%", ""),
-                ("ECE ", e.get("ece"), "{:.4f}", ""),
-                ("calibrated ECE ", e.get("ece_calibrated"), "{:.4f}", ""),
+                ("ECE ", e.get("ece"), "%", ""),
+                ("calibrated ECE ", e.get("ece_calibrated"), "%", ""),
                 ("temperature ", e.get("temperature"), "{:.3f}", ""),
                 ("checkpoint ", e.get("checkpoint"), None, ""),
             ]
