@@ -41,6 +41,7 @@ from common.augment import EpochPlan, augment, plan_epoch
 from common.checkpoint import (
     CheckpointError,
     git_commit,
+    in_checkpoint_order,
     library_versions,
     load_checkpoint,
     model_from_checkpoint,
@@ -526,6 +527,8 @@ class TrainingData:
 
 def load_training_data(config: TrainConfig, device: torch.device, resumed: dict | None) -> TrainingData:
     splits = load_training_splits(config.data, config.dataset)
+    if resumed:  # labelled as the run began
+        splits = in_checkpoint_order(splits, list(resumed["classes"]))
     train, monitor, monitor_name = splits.train, splits.test, "test"
     if config.val_split:
         train, monitor = split_off_validation(train, config.val_split, config.seed)
@@ -1152,9 +1155,13 @@ def progress_bar(t: Training, state: RunState) -> tqdm:
 
 
 def show_progress(bar: tqdm, sums: torch.Tensor, images: float, lr: float, img_per_s: float) -> None:
-    loss, correct = sums.tolist()  # a host sync: once per REFRESH_EVERY steps
-    bar.set_postfix(
-        loss=f"{loss / images:.3f}", acc=f"{correct / images:.3f}", lr=f"{lr:.3g}", img_s=f"{img_per_s:.0f}"
+    loss, correct = sums.tolist()  # a host sync (on a GPU): once per REFRESH_EVERY steps
+    bar.set_postfix(  # drawn at the bar's own pace (tqdm's mininterval), not at every call
+        loss=f"{loss / images:.3f}",
+        acc=f"{correct / images:.3f}",
+        lr=f"{lr:.3g}",
+        img_s=f"{img_per_s:.0f}",
+        refresh=False,
     )
 
 

@@ -73,18 +73,31 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(
             f"{path} is not a cifar-cam checkpoint (expected a dict with {', '.join(REQUIRED_KEYS)})"
         )
+    # In Unicode's composed form, as data.py names class folders (checkpoints from before it may
+    # hold macOS's decomposed names).
+    state["classes"] = [unicodedata.normalize("NFC", str(c)) for c in state["classes"]]
     return state
 
 
 def _damaged_record(path: Path) -> str | None:
     """The first record of a checkpoint (a zip archive) whose bytes fail their CRC: torch.load
-    does not check them, and flipped bytes in a weight gave a model that scored NaN. None when
-    all pass, or when the file is no zip archive (torch.load then says what it is)."""
+    does not check them, and flipped bytes in a weight gave a model that scored NaN. Records
+    saved without one (CRC 0: torch's `set_crc32_options(False)`) are skipped. None when all
+    pass, or when the archive cannot be read this way (torch.load then says what it is)."""
     try:
         with zipfile.ZipFile(path) as archive:
-            return archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+            for record in archive.infolist():
+                if record.CRC == 0:
+                    continue
+                try:
+                    with archive.open(record) as data:
+                        while data.read(1 << 24):  # zipfile checks the CRC at the end
+                            pass
+                except zipfile.BadZipFile:
+                    return record.filename
+    except Exception:  # not a zip, an odd one, unreadable: torch.load gives the verdict
         return None
+    return None
 
 
 def weights_key(state: dict[str, Any], weights: str) -> str:
@@ -124,12 +137,19 @@ def data_for(state: dict[str, Any], override: str | None) -> Splits:
     splits = load_splits(
         override if override is not None else config.get("data"), config.get("dataset", "cifar10")
     )
-    # In composed form, as data.py names folders (a checkpoint from before it may hold either).
-    ours = [unicodedata.normalize("NFC", c) for c in state["classes"]]
+    return in_checkpoint_order(splits, list(state["classes"]))
+
+
+def in_checkpoint_order(splits: Splits, classes: list[str]) -> Splits:
+    """The data labelled as the checkpoint's outputs are (the same names, perhaps sorted otherwise
+    where the data was unpacked); data with other names is refused."""
     theirs = list(splits.test.classes)
-    if ours != theirs:
+    if sorted(classes) != sorted(theirs):
         raise CheckpointError(f"the data's classes are not the checkpoint's ({splits.source}): "
-                              f"{class_difference(ours, theirs)}")  # fmt: skip
+                              f"{class_difference(classes, theirs)}")  # fmt: skip
+    if classes != theirs:
+        train = splits.train.in_order(classes) if splits.train is not None else None
+        splits = Splits(train, splits.test.in_order(classes), splits.source)
     return splits
 
 
@@ -141,16 +161,10 @@ def class_difference(ours: list[str], theirs: list[str]) -> str:
 
     missing = [c for c in ours if c not in theirs]
     extra = [c for c in theirs if c not in ours]
-    if not (missing or extra):
-        first = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
-        return (f"the same names in another order: class {first} is {ours[first]!r} in the checkpoint, "
-                f"{theirs[first]!r} in the data")  # fmt: skip
-    parts = []
-    if missing:
-        parts.append(f"the data lacks {few(missing)}")
+    parts = [f"the data lacks {few(missing)}"] if missing else []
     if extra:
         parts.append(f"the checkpoint has no {few(extra)}")
-    return "; ".join(parts)
+    return "; ".join(parts) or f"{len(ours)} names against {len(theirs)}, some repeated"
 
 
 def run_on_checkpoint(args: Any, run: Callable[[Any, dict[str, Any], Path], int]) -> int:

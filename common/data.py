@@ -67,6 +67,11 @@ class Dataset:
     def to(self, device: torch.device | str) -> Dataset:
         return Dataset(self.images.to(device), self.labels.to(device), self.classes)
 
+    def in_order(self, classes: list[str]) -> Dataset:
+        """The same images, labelled by `classes` (the same names in another order)."""
+        relabel = torch.tensor([classes.index(name) for name in self.classes], dtype=self.labels.dtype)
+        return Dataset(self.images, relabel[self.labels], list(classes))
+
 
 @dataclass
 class Splits:
@@ -170,12 +175,21 @@ def _is_visible_file(path: Path) -> bool:
 
 
 def rgb_image(img, path: str | os.PathLike):
-    """A PIL image as 8-bit RGB (grayscale, palette, RGBA and CMYK converted), refusing 16-bit,
-    32-bit and float pixels: PIL's conversion clips them (a 12-bit grayscale picture turns white)."""
-    if img.mode in ("I", "F") or img.mode.startswith("I;"):
-        raise DataError(f"{path} has {'float' if img.mode == 'F' else 'integer'} pixels of more than "
-                        f"8 bits (PIL mode {img.mode}): save it as an 8-bit picture")  # fmt: skip
-    return img.convert("RGB")
+    """A PIL image as 8-bit RGB (grayscale, palette, RGBA and CMYK converted). 16-bit grayscale is
+    scaled to 8 bits as PIL scales 16-bit colour (v / 257); 32-bit integers are taken as they are
+    when they lie in 0..255; other 32-bit and float pixels (no one scale) are refused: PIL's
+    conversion would clip them (a 12-bit grayscale picture turned white)."""
+    from PIL import Image
+
+    if not (img.mode in ("I", "F") or img.mode.startswith("I;")):
+        return img.convert("RGB")
+    pixels = np.asarray(img, dtype=np.float64)
+    if img.mode.startswith("I;16"):
+        pixels = pixels / 257
+    elif img.mode == "F" or not 0 <= pixels.min() <= pixels.max() <= 255:
+        kind = "float" if img.mode == "F" else f"32-bit ({pixels.min():g} to {pixels.max():g})"
+        raise DataError(f"{path} has {kind} pixels (PIL mode {img.mode}): save it as an 8-bit picture")
+    return Image.fromarray(pixels.round().astype(np.uint8)).convert("RGB")
 
 
 def _cached(key: tuple, loader, root) -> Splits:
@@ -315,10 +329,17 @@ def _load_cifar100_batches(root: Path) -> Splits:
 
 
 def _class_folders(split_dir: Path) -> dict[str, Path]:
-    """Class name -> its folder, sorted by name (ImageFolder's order). Names are taken in Unicode's
-    composed form (NFC): macOS writes "café" decomposed, most other systems composed, and the
-    same class must have the same name whichever system unpacked it."""
-    return dict(sorted((unicodedata.normalize("NFC", d.name), d) for d in _visible_folders(split_dir)))
+    """Class name -> its folder, in ImageFolder's order (the folders' names sorted). Names are
+    taken in Unicode's composed form (NFC): macOS writes "café" decomposed, most other systems
+    composed, and the same class must have the same name whichever system unpacked it."""
+    folders: dict[str, Path] = {}
+    for folder in _visible_folders(split_dir):
+        name = unicodedata.normalize("NFC", folder.name)
+        if name in folders:
+            raise DataError(f"{folders[name]} and {folder} are one class name written two ways "
+                            "(Unicode composed and decomposed): merge them or rename one")  # fmt: skip
+        folders[name] = folder
+    return folders
 
 
 def _load_image_folder(root: Path) -> Splits:
@@ -326,13 +347,15 @@ def _load_image_folder(root: Path) -> Splits:
     test_classes = _class_folders(root / "test")
     if not train_classes:
         raise DataError(f"{root / 'train'} has no class folders")
-    if list(train_classes) != list(test_classes):
+    if set(train_classes) != set(test_classes):
         only_train = sorted(set(train_classes) - set(test_classes))
         only_test = sorted(set(test_classes) - set(train_classes))
         raise DataError(
             f"train and test class folders differ in {root}: only in train "
             f"{only_train}, only in test {only_test}"
         )
+    # train/'s order for both (a test/ unpacked on another system may sort its names otherwise)
+    test_classes = {name: test_classes[name] for name in train_classes}
     return Splits(_read_split(train_classes), _read_split(test_classes), f"image folder ({root})")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -57,6 +58,7 @@ def share_folder(folder: Path) -> Iterator[None]:
     if no training run holds it (and keep one from starting there meanwhile)."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()  # the lock file may exist in a folder now read-only
         handle = open(folder / LOCK_NAME, "a+")
     except OSError as err:  # a read-only share or somebody else's folder: the checkpoint's, by default
         raise UsageError(f"cannot write into {folder} ({err.strerror}): pass --out to write the results "

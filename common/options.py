@@ -98,8 +98,9 @@ def chosen_weights(args: argparse.Namespace) -> str:
 @contextlib.contextmanager
 def sigterm_as_ctrl_c() -> Iterator[None]:
     """SIGTERM (`kill`, a batch scheduler, torchrun stopping its workers) stops a script as Ctrl-C
-    does, one line and exit 130, rather than killing it without a word. train.py's loop installs
-    its own handler for both while it trains."""
+    does, one line and exit 130, rather than killing it without a word. Only for a script started
+    from the command line (`main()` reads sys.argv): a test or notebook calling main(argv) keeps
+    its own SIGTERM. train.py's loop installs its own handler for both while it trains."""
     if threading.current_thread() is not threading.main_thread():  # only there can handlers be set
         yield
         return
@@ -122,7 +123,7 @@ def command(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | No
     @functools.wraps(main)
     def wrapper(argv: list[str] | None = None) -> int:
         try:
-            with sigterm_as_ctrl_c():
+            with sigterm_as_ctrl_c() if argv is None else contextlib.nullcontext():
                 return main(argv)
         except (UsageError, DataError, CheckpointError) as err:
             print(f"error: {err}", file=sys.stderr)

@@ -46,7 +46,7 @@ def test_sigterm_stops_a_script_as_ctrl_c_does(run_script):
         "import os, signal, time\n"
         "from common.options import command\n"
         "main = command(lambda argv: os.kill(os.getpid(), signal.SIGTERM) or time.sleep(60) or 0)\n"
-        "raise SystemExit(main([]))\n"
+        "raise SystemExit(main())\n"
     )
     result = run_script("-c", code)
     assert result.returncode == 130 and result.stderr.strip() == "interrupted"

@@ -1,3 +1,4 @@
+import re
 import shutil
 import unicodedata
 
@@ -66,15 +67,28 @@ def test_files_a_file_manager_leaves_are_not_pictures(tmp_path, tiny_folder, sys
     assert_same(load_splits(str(tmp_path / "data")), load_splits(str(tiny_folder)))
 
 
-def test_class_names_are_the_same_however_the_system_wrote_them(tmp_path, make_folder):
-    """macOS writes "élan" decomposed (e + a combining accent), Linux composed: one class, which
-    sorts where the composed name sorts (after the ASCII names; decomposed it sorts before frog)."""
-    root = make_folder(tmp_path / "d")
-    for split, form in (("train", "NFD"), ("test", "NFC")):
+def rename_cat(root, forms):
+    for split, form in zip(("train", "test"), forms):
         (root / split / "cat").rename(root / split / unicodedata.normalize(form, "élan"))
-    splits = load_splits(str(root))
-    assert splits.train.classes == splits.test.classes
-    assert splits.train.classes[-1] == unicodedata.normalize("NFC", "élan")
+    return root
+
+
+def test_class_names_are_the_same_however_the_system_wrote_them(tmp_path, make_folder):
+    """macOS writes "élan" decomposed (e + a combining accent), Linux composed: one class, named
+    in composed form, in ImageFolder's order (train/'s folders sorted as written)."""
+    mixed = load_splits(str(rename_cat(make_folder(tmp_path / "mixed"), ("NFD", "NFC"))))
+    one_system = load_splits(str(rename_cat(make_folder(tmp_path / "macos"), ("NFD", "NFD"))))
+    assert_same(mixed, one_system)
+    assert mixed.train.classes[5] == unicodedata.normalize("NFC", "élan")  # between dog and frog
+
+
+def test_one_class_name_written_two_ways_is_refused(tmp_path, make_folder):
+    root = make_folder(tmp_path / "d")
+    for split in ("train", "test"):
+        (root / split / "cat").rename(root / split / unicodedata.normalize("NFD", "élan"))
+        (root / split / "dog").rename(root / split / unicodedata.normalize("NFC", "élan"))
+    with pytest.raises(DataError, match="one class name written two ways"):
+        load_splits(str(root))
 
 
 def test_second_start_reads_the_cache(tiny_folder, monkeypatch):
@@ -108,15 +122,31 @@ def test_grayscale_is_converted(tmp_path, make_folder):
     assert len(test) == 31 and test.images.shape[1] == 3
 
 
-@pytest.mark.parametrize("mode, pixels", [("I;16", np.uint16), ("I", np.int32), ("F", np.float32)])
-def test_deep_pixels_are_refused_not_clipped(tmp_path, make_folder, mode, pixels):
+@pytest.mark.parametrize(
+    "pixels, mode, read_as",
+    [
+        pytest.param(np.full((32, 32), 2000, np.uint16), "I;16", 8, id="16-bit-scaled"),  # 2000 / 257
+        pytest.param(np.full((32, 32), 200, np.int32), "I", 200, id="32-bit-in-0-255-taken"),
+        pytest.param(
+            np.full((32, 32), 2000, np.int32), "I", "32-bit (2000 to 2000) pixels", id="32-bit-refused"
+        ),
+        pytest.param(np.full((32, 32), 0.5, np.float32), "F", "float pixels", id="float-refused"),
+    ],
+)
+def test_deep_pixels_are_scaled_or_refused_never_clipped(tmp_path, make_folder, pixels, mode, read_as):
     """PIL's conversion to RGB clips them: a 12-bit grayscale picture turned white."""
     root = make_folder(tmp_path / "d")
-    deep = Image.fromarray(np.full((32, 32), 2000, pixels) if mode != "F" else np.full((32, 32), 0.5, pixels))
-    deep.save(root / "train" / "cat" / "deep.tif")
-    assert Image.open(root / "train" / "cat" / "deep.tif").mode == mode
-    with pytest.raises(DataError, match=f"more than 8 bits .PIL mode {mode}.: save it as an 8-bit picture"):
-        load_splits(str(root))
+    Image.fromarray(pixels).save(root / "test" / "cat" / "00000_deep.tif")
+    assert Image.open(root / "test" / "cat" / "00000_deep.tif").mode == mode
+    if isinstance(read_as, str):
+        with pytest.raises(
+            DataError, match=re.escape(f"{read_as} (PIL mode {mode}): save it as an 8-bit picture")
+        ):
+            load_splits(str(root))
+    else:
+        test = load_splits(str(root)).test
+        cat = test.classes.index("cat")
+        assert (test.images[(test.labels == cat).nonzero()[0, 0]] == read_as).all()  # the first cat
 
 
 def test_subset_is_balanced_and_val_split_is_disjoint(tiny_folder):

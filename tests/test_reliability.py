@@ -211,6 +211,17 @@ def test_broken_and_foreign_checkpoints(tmp_path, trained_run, make, says, one_l
     one_line_error(err, says)
 
 
+def test_a_checkpoint_saved_without_crcs_is_not_damaged(tmp_path, trained_run):
+    """torch can save without them (set_crc32_options(False), for speed): every record's CRC is 0."""
+    state = torch.load(trained_run / "best.pt", weights_only=True)
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save(state, tmp_path / "no-crc.pt")
+    finally:
+        torch.serialization.set_crc32_options(True)
+    assert load_checkpoint(tmp_path / "no-crc.pt")["classes"] == state["classes"]
+
+
 def test_checkpoint_that_runs_code_is_refused(tmp_path, one_line_error, capsys):
     marker = tmp_path / "pwned"
 
