@@ -45,7 +45,7 @@ DOWNLOADED = {
     "cifar10": f"{DEFAULT_DOWNLOAD_ROOT}/cifar-10-batches-py",
     "cifar100": f"{DEFAULT_DOWNLOAD_ROOT}/cifar-100-python",
 }
-CACHE_FORMAT = 3  # bump when what is cached changes (3: class names in NFC, Thumbs.db skipped)
+CACHE_FORMAT = 4  # bump when what is cached changes (4: class names in NFC, Thumbs.db skipped)
 
 
 class DataError(Exception):
@@ -68,9 +68,13 @@ class Dataset:
         return Dataset(self.images.to(device), self.labels.to(device), self.classes)
 
     def in_order(self, classes: list[str]) -> Dataset:
-        """The same images, labelled by `classes` (the same names in another order)."""
+        """The same images labelled by `classes` (the same names in another order), and in that
+        class order (stable: a folder's files stay sorted), as they are read when the folders
+        sort that way: a resumed run holds out and subsets the same images."""
         relabel = torch.tensor([classes.index(name) for name in self.classes], dtype=self.labels.dtype)
-        return Dataset(self.images, relabel[self.labels], list(classes))
+        labels = relabel[self.labels]
+        order = labels.argsort(stable=True)
+        return Dataset(self.images[order], labels[order], list(classes))
 
 
 @dataclass
@@ -175,21 +179,19 @@ def _is_visible_file(path: Path) -> bool:
 
 
 def rgb_image(img, path: str | os.PathLike):
-    """A PIL image as 8-bit RGB (grayscale, palette, RGBA and CMYK converted). 16-bit grayscale is
-    scaled to 8 bits as PIL scales 16-bit colour (v / 257); 32-bit integers are taken as they are
-    when they lie in 0..255; other 32-bit and float pixels (no one scale) are refused: PIL's
-    conversion would clip them (a 12-bit grayscale picture turned white)."""
+    """A PIL image as 8-bit RGB (grayscale, palette, RGBA and CMYK converted; PIL reads 16-bit
+    colour by its high byte). Integer pixels in a wider mode are taken when they lie in 0..255;
+    otherwise, like float pixels, refused: PIL's conversion would clip them (a 12-bit grayscale
+    picture turned white), and their scale (12 bits? 16?) is not reliably known."""
     from PIL import Image
 
     if not (img.mode in ("I", "F") or img.mode.startswith("I;")):
         return img.convert("RGB")
     pixels = np.asarray(img, dtype=np.float64)
-    if img.mode.startswith("I;16"):
-        pixels = pixels / 257
-    elif img.mode == "F" or not 0 <= pixels.min() <= pixels.max() <= 255:
-        kind = "float" if img.mode == "F" else f"32-bit ({pixels.min():g} to {pixels.max():g})"
+    if img.mode == "F" or not 0 <= pixels.min() <= pixels.max() <= 255:
+        kind = "float" if img.mode == "F" else f"integer ({pixels.min():g} to {pixels.max():g})"
         raise DataError(f"{path} has {kind} pixels (PIL mode {img.mode}): save it as an 8-bit picture")
-    return Image.fromarray(pixels.round().astype(np.uint8)).convert("RGB")
+    return Image.fromarray(pixels.astype(np.uint8)).convert("RGB")
 
 
 def _cached(key: tuple, loader, root) -> Splits:

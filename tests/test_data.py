@@ -125,16 +125,17 @@ def test_grayscale_is_converted(tmp_path, make_folder):
 @pytest.mark.parametrize(
     "pixels, mode, read_as",
     [
-        pytest.param(np.full((32, 32), 2000, np.uint16), "I;16", 8, id="16-bit-scaled"),  # 2000 / 257
-        pytest.param(np.full((32, 32), 200, np.int32), "I", 200, id="32-bit-in-0-255-taken"),
         pytest.param(
-            np.full((32, 32), 2000, np.int32), "I", "32-bit (2000 to 2000) pixels", id="32-bit-refused"
+            np.full((32, 32), 2000, np.uint16), "I;16", "integer (2000 to 2000) pixels", id="16-bit"
         ),
+        pytest.param(np.full((32, 32), 200, np.int32), "I", 200, id="32-bit-in-0-255-taken"),
+        pytest.param(np.full((32, 32), 2000, np.int32), "I", "integer (2000 to 2000) pixels", id="32-bit"),
         pytest.param(np.full((32, 32), 0.5, np.float32), "F", "float pixels", id="float-refused"),
     ],
 )
-def test_deep_pixels_are_scaled_or_refused_never_clipped(tmp_path, make_folder, pixels, mode, read_as):
-    """PIL's conversion to RGB clips them: a 12-bit grayscale picture turned white."""
+def test_deep_pixels_are_refused_not_clipped(tmp_path, make_folder, pixels, mode, read_as):
+    """PIL's conversion to RGB clips them (a 12-bit grayscale picture turned white); those that
+    lie in 0..255 are taken as they are."""
     root = make_folder(tmp_path / "d")
     Image.fromarray(pixels).save(root / "test" / "cat" / "00000_deep.tif")
     assert Image.open(root / "test" / "cat" / "00000_deep.tif").mode == mode
