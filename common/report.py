@@ -40,6 +40,8 @@ td.bad{background:#fde8e6;color:#a3221a;font-weight:600}td.good{color:#1c7a3a}
 figure{margin:12px 0 22px}figure img{max-width:100%;height:auto;border:1px solid #e3e6ec}
 figcaption{color:#6b7385;font-size:13px;margin-top:4px}
 .note{background:#fff8e1;border-left:4px solid #f0b400;padding:8px 12px;margin:10px 0}
+.scroll{max-height:520px;overflow-y:auto;display:inline-block;margin:10px 0 18px}
+.scroll table{margin:0}.scroll th{position:sticky;top:0}
 """
 
 
@@ -213,10 +215,12 @@ def _test_set(folder: Path, evaluation: dict) -> str:
                 if isinstance(m, dict)
             ],
         )
+        if len(per_class) > 20:  # CIFAR-100's 100 rows scroll in their own box, beside the rest
+            table = f'<div class="scroll">{table}</div>'
     ece = evaluation.get("ece")
     calibration = _figure(
         folder / results.CALIBRATION,
-        "Calibration (reliability diagram)" + (f", ECE {_fmt(ece, '{:.4f}')}" if ece is not None else ""),
+        "Calibration (reliability diagram)" + (f", ECE {_fmt(ece, '%')}" if ece is not None else ""),
     )
     return _section(
         "Test set",

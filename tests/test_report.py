@@ -220,7 +220,8 @@ def test_full_report_has_every_section_and_nothing_external(full_run: Path):
         "62.34%",
         "63.11%",
         "64.02%",
-        "0.0421",
+        "ECE <b>4.21%</b>",  # as evaluate.py prints it
+        "ECE 4.21%",
         "runs/x/best.pt",
         "41.23%",
         "dog &amp; co",
@@ -262,6 +263,16 @@ def test_empty_folder_gives_a_valid_page(tmp_path: Path):
 def test_header_counts_epochs_in_words(tmp_path: Path, epochs: int, says: str):
     (tmp_path / "summary.json").write_text(json.dumps({"epochs": epochs, "total_s": 1.0}))
     assert says in write_report(str(tmp_path)).read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("classes, scrolls", [(20, False), (100, True)])
+def test_a_long_per_class_table_scrolls_in_its_own_box(tmp_path: Path, classes: int, scrolls: bool):
+    """CIFAR-100's 100 rows would push the confusion matrix and the rest pages down."""
+    row = {"images": 100, "accuracy": 0.5, "precision": 0.5, "recall": 0.5}
+    per_class = {f"class {i}": row for i in range(classes)}
+    (tmp_path / "evaluation.json").write_text(json.dumps({"accuracy": 0.5, "per_class": per_class}))
+    text = write_report(str(tmp_path)).read_text(encoding="utf-8")
+    assert text.count("<tr>") >= classes and ('<div class="scroll"><table>' in text) == scrolls
 
 
 def test_broken_files_leave_their_sections_out(full_run: Path):
