@@ -12,7 +12,6 @@ does not depend on the weights). Last line: `bare_s=<s> evaluate_s=<s> ratio=<ev
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -27,18 +26,25 @@ from common import hardware  # noqa: E402
 from common.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint  # noqa: E402
 from common.data import CIFAR10_MEAN, CIFAR10_STD, load_splits, normalize  # noqa: E402
 from common.model import build_model  # noqa: E402
+from common.options import Parser, UsageError, command, positive_int  # noqa: E402
 from common.predict import predict_probs  # noqa: E402
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+@command
+def main(argv: list[str] | None = None) -> int:
+    p = Parser(prog="evaluate_speed.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=None, help="data source (default: torchvision download)")
     p.add_argument("--ckpt", default=None, help="checkpoint (default: a freshly initialised model)")
     p.add_argument("--accelerator", default="auto")
-    p.add_argument("--batch-size", type=int, default=1000)
-    args = p.parse_args()
+    p.add_argument("--batch-size", type=positive_int, default=1000)
+    args = p.parse_args(argv)
+    if args.ckpt:
+        load_checkpoint(args.ckpt)  # a missing or broken file: one line now, not after decoding the data
+    with tempfile.TemporaryDirectory(prefix="evaluate-speed-") as work:  # evaluate.py's files: not kept
+        return measure(args, Path(work))
 
-    work = Path(tempfile.mkdtemp(prefix="evaluate-speed-"))
+
+def measure(args, work: Path) -> int:
     splits = load_splits(args.data)  # decode once: both timings below read the cache
     ckpt = args.ckpt
     if ckpt is None:
@@ -98,7 +104,8 @@ def main() -> None:
         + (["--data", args.data] if args.data else [])
     )
     evaluate_s = time.perf_counter() - start
-    assert code == 0
+    if code != 0:
+        raise UsageError(f"evaluate.py stopped with exit code {code} (its message is above)")
     print(
         f"\ndevice {accelerator}, precision {precision}, {len(images):,} test images, batch {args.batch_size}"
     )
@@ -107,7 +114,8 @@ def main() -> None:
         f"{unfolded_s:.2f}s, {len(images) / unfolded_s:,.0f} img/s); evaluate.py {evaluate_s:.2f}s"
     )
     print(f"bare_s={bare_s:.2f} evaluate_s={evaluate_s:.2f} ratio={evaluate_s / bare_s:.2f}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -31,6 +31,7 @@ from common.cams import METHODS, choose_methods, class_targets, compute_cams, fi
 from common.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from common.data import load_splits, normalize, write_image_folder  # noqa: E402
 from common.lock import share_folder  # noqa: E402
+from common.model import build_model  # noqa: E402
 from common.options import Parser, UsageError, command  # noqa: E402
 from common.report import write_report  # noqa: E402
 
@@ -144,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick and not args.method:
         methods = ["gradcam", "layercam"]
     default_layers = ["layer3", "layer4"] if args.quick else ["layer2", "layer3", "layer4", "layer3+layer4"]
+    for spec in args.layer or []:  # checked before training, on the untrained net: same modules
+        find_layers(build_model(len(COLOURS)).eval(), spec)
     n_train, n_test, epochs = (60, 10, 3) if args.quick else (300, 25, 6)
     smoothing = [] if args.quick else ["aug_smooth", "eigen_smooth"]
     out = Path(args.out)

@@ -38,15 +38,19 @@ from common import hardware  # noqa: E402
 from common.augment import plan_epoch  # noqa: E402
 from common.data import CIFAR10_MEAN, CIFAR10_STD, Dataset  # noqa: E402
 from common.model import build_model  # noqa: E402
+from common.options import Parser, command, positive_int  # noqa: E402
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+@command
+def main(argv: list[str] | None = None) -> int:
+    p = Parser(prog="throughput.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--accelerator", default="auto")
     p.add_argument("--precision", default="auto", choices=hardware.PRECISIONS)
-    p.add_argument("--batch-size", type=int, default=None, help="default: 128 on CPU, 512 on GPU")
-    p.add_argument("--steps", type=int, default=None, help="steps per timed block (default: 4 CPU, 50 GPU)")
-    p.add_argument("--blocks", type=int, default=3, help="timed blocks of each kind (default 3)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="default: 128 on CPU, 512 on GPU")
+    p.add_argument(
+        "--steps", type=positive_int, default=None, help="steps per timed block (default: 4 CPU, 50 GPU)"
+    )
+    p.add_argument("--blocks", type=positive_int, default=3, help="timed blocks of each kind (default 3)")
     p.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
@@ -54,7 +58,7 @@ def main() -> None:
         help="torch.compile (default: as train.py, on for CUDA)",
     )
     p.add_argument("--profile", action="store_true", help="print the top ops of one bare block")
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     hardware.prepare_backend()
     config = train.TrainConfig(
@@ -156,6 +160,7 @@ def main() -> None:
     if args.profile:
         print_profile(bare_block, on_gpu)
     print(f"bare={b:.1f} train={t:.1f} ratio={t / b:.3f}")
+    return 0
 
 
 def print_profile(block, on_gpu: bool) -> None:
@@ -188,4 +193,4 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, sync) -> float
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
