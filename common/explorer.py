@@ -121,7 +121,6 @@ def _card(k: int, runs: list[dict], user: bool) -> str:
         files = first.get("files", [])  # npz files from before it kept the file names lack it
         name = escape(str(files[k])) if len(files) > k else f"picture {int(first['index'][k]) + 1}"
         head = f'{name}: <b class="unjudged">{escape(classes[pred])}</b> {100 * probs[pred]:.0f}%'
-
     else:
         verdict = "right" if pred == true else ""
         head = (f"#{int(first['index'][k])} · true {escape(classes[true])} · predicted "
