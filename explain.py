@@ -498,8 +498,10 @@ def print_tables(explained: list[dict], sampled: list[dict], seed: int) -> None:
         )
         print(f"{'method':<11} {'layer':<16} {'ROAD':>16} {'RandomCAM':>16}")
         for r in explained:
-            flag = "" if r["beats_random"] else "   does not beat RandomCAM by 2 SE"
-            flag = "   one image: no standard error, no verdict" if r["n"] < 2 else flag
+            flag = (
+                "   one image: no standard error, no verdict" if r["n"] < 2
+                else "" if r["beats_random"] else "   does not beat RandomCAM by 2 SE"
+            )  # fmt: skip
             print(
                 f"{r['method']:<11} {r['layer']:<16} {r['road_mean']:>+8.4f} ± {r['road_se']:.4f} "
                 f"{r['random_mean']:>+8.4f} ± {r['random_se']:.4f}{flag}"

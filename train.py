@@ -1212,7 +1212,8 @@ def print_plan(
             "for BatchNorm's running statistics, so expect low test accuracy; a smaller --batch-size "
             "gives more steps"
         )
-    unseen = [d.train.classes[k] for k in range(len(d.train.classes)) if not (d.train.labels == k).any()]
+    counts = torch.bincount(d.train.labels.cpu(), minlength=len(d.train.classes)).tolist()
+    unseen = [name for name, count in zip(d.train.classes, counts) if count == 0]
     if unseen:  # --val-split draws at random: a class of few images can lose them all
         p(f"note      no training images of {', '.join(unseen)} (all held out by --val-split or --subset): "
           "the model never sees them")  # fmt: skip

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from common.atomic import atomic_write
-from common.data import Splits, load_splits
+from common.data import Splits, class_difference, load_splits
 from common.model import ResNet18, build_model, strip_wrapper_prefixes
 
 REQUIRED_KEYS = ("model", "classes", "mean", "std", "config")
@@ -151,20 +151,6 @@ def in_checkpoint_order(splits: Splits, classes: list[str]) -> Splits:
         train = splits.train.in_order(classes) if splits.train is not None else None
         splits = Splits(train, splits.test.in_order(classes), splits.source)
     return splits
-
-
-def class_difference(ours: list[str], theirs: list[str]) -> str:
-    """What differs between two lists of class names, in words (100 names are not read by eye)."""
-
-    def few(names: list[str]) -> str:
-        return ", ".join(map(repr, names[:8])) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
-
-    missing = [c for c in ours if c not in theirs]
-    extra = [c for c in theirs if c not in ours]
-    parts = [f"the data lacks {few(missing)}"] if missing else []
-    if extra:
-        parts.append(f"the checkpoint has no {few(extra)}")
-    return "; ".join(parts) or f"{len(ours)} names against {len(theirs)}, some repeated"
 
 
 def run_on_checkpoint(args: Any, run: Callable[[Any, dict[str, Any], Path], int]) -> int:

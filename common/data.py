@@ -344,18 +344,30 @@ def _class_folders(split_dir: Path) -> dict[str, Path]:
     return folders
 
 
+def class_difference(
+    ours: list[str], theirs: list[str], ours_is: str = "the checkpoint", theirs_is: str = "the data"
+) -> str:
+    """What differs between two lists of class names, in words (100 names are not read by eye)."""
+
+    def few(names: list[str]) -> str:
+        return ", ".join(map(repr, names[:8])) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+
+    missing = [c for c in ours if c not in theirs]
+    extra = [c for c in theirs if c not in ours]
+    parts = [f"{theirs_is} lacks {few(missing)}"] if missing else []
+    if extra:
+        parts.append(f"{ours_is} has no {few(extra)}")
+    return "; ".join(parts) or f"{len(ours)} names against {len(theirs)}, some repeated"
+
+
 def _load_image_folder(root: Path) -> Splits:
     train_classes = _class_folders(root / "train")
     test_classes = _class_folders(root / "test")
     if not train_classes:
         raise DataError(f"{root / 'train'} has no class folders")
     if set(train_classes) != set(test_classes):
-        only_train = sorted(set(train_classes) - set(test_classes))
-        only_test = sorted(set(test_classes) - set(train_classes))
-        raise DataError(
-            f"train and test class folders differ in {root}: only in train "
-            f"{only_train}, only in test {only_test}"
-        )
+        differ = class_difference(list(train_classes), list(test_classes), "train/", "test/")
+        raise DataError(f"train and test class folders differ in {root}: {differ}")
     # train/'s order for both (a test/ unpacked on another system may sort its names otherwise)
     test_classes = {name: test_classes[name] for name in train_classes}
     return Splits(_read_split(train_classes), _read_split(test_classes), f"image folder ({root})")

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import evaluate
-from common.checkpoint import class_difference, data_for
+from common.checkpoint import data_for
+from common.data import class_difference
 from common.model import build_model
 
 
