@@ -57,7 +57,7 @@ from common.data import (
     normalize,
     split_off_validation,
 )
-from common.lock import hold_folder
+from common.lock import hold_folder, remove_if_unused
 from common.model import build_model, folded_for_inference, summary_lines
 from common.options import (
     Parser,
@@ -433,33 +433,45 @@ def results_folder(fabric: Fabric, args: dict, resumed: dict | None) -> Iterator
     """The results folder, held by this run for its duration (rank 0 holds the lock; every rank
     learns whether it could). Refused when another train.py holds it or when it holds another
     run (a finished one, or with --resume into it, not the run resumed). Nothing in it is
-    touched here: clear_folder() does that once the run has passed every check."""
+    touched here: clear_folder() does that once the run has passed every check. A folder made
+    here for a run refused before it wrote anything is removed again."""
     out = out_folder(args, resumed)
     if resumed and args.get("overwrite"):
         raise UsageError("--overwrite would delete the run --resume continues; drop one of them")
+    made_here = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    with contextlib.ExitStack() as held:
-        refusal = ""
-        if fabric.is_global_zero:
-            try:
-                held.enter_context(hold_folder(out))
-            except UsageError as err:
-                refusal = str(err)
-        if fabric.world_size > 1:
-            refusal = fabric.broadcast(refusal)
-        if refusal:
-            raise UsageError(refusal)
-        last = out / results.LAST
-        if last.exists() and resumed is None and not args.get("overwrite"):
-            raise UsageError(f"{last} exists: {what_to_do_with(last)}")
-        if last.exists() and resumed and out.resolve() != Path(args["resume"]).resolve().parent:
-            raise UsageError(
-                f"{last} exists: --out {out} holds another run; to continue {args['resume']} elsewhere, "
-                "pass a new --out"
-            )
-        if last.exists() and resumed and Path(args["resume"]).resolve() != last.resolve():
-            refuse_rewinding(last, resumed, args["resume"])
-        yield out
+    try:
+        with contextlib.ExitStack() as held:
+            refusal = ""
+            if fabric.is_global_zero:
+                try:
+                    held.enter_context(hold_folder(out))
+                except UsageError as err:
+                    refusal = str(err)
+            if fabric.world_size > 1:
+                refusal = fabric.broadcast(refusal)
+            if refusal:
+                raise UsageError(refusal)
+            refuse_another_run(out, args, resumed)
+            yield out
+    except BaseException:
+        if made_here and fabric.is_global_zero:
+            remove_if_unused(out)  # a run refused (bad data, say) leaves no empty folder behind
+        raise
+
+
+def refuse_another_run(out: Path, args: dict, resumed: dict | None) -> None:
+    """A folder holding a run is trained in again only by --overwrite or by that run's --resume."""
+    last = out / results.LAST
+    if last.exists() and resumed is None and not args.get("overwrite"):
+        raise UsageError(f"{last} exists: {what_to_do_with(last)}")
+    if last.exists() and resumed and out.resolve() != Path(args["resume"]).resolve().parent:
+        raise UsageError(
+            f"{last} exists: --out {out} holds another run; to continue {args['resume']} elsewhere, "
+            "pass a new --out"
+        )
+    if last.exists() and resumed and Path(args["resume"]).resolve() != last.resolve():
+        refuse_rewinding(last, resumed, args["resume"])
 
 
 def refuse_rewinding(last: Path, resumed: dict, path: str) -> None:

@@ -52,6 +52,14 @@ def hold_folder(folder: Path) -> Iterator[None]:
         yield
 
 
+def remove_if_unused(folder: Path) -> None:
+    """Remove a folder that holds nothing but its lock file (a run made it, then was refused)."""
+    with contextlib.suppress(OSError):
+        if [p.name for p in folder.iterdir()] == [LOCK_NAME]:
+            (folder / LOCK_NAME).unlink()
+            folder.rmdir()
+
+
 @contextlib.contextmanager
 def share_folder(folder: Path) -> Iterator[None]:
     """For evaluate.py and explain.py: write into the folder, for the duration of the block, only

@@ -85,3 +85,17 @@ def test_a_folder_evaluate_writes_into_is_not_trained_in(
         assert train.main(["--data", str(tiny_folder), *train_flags, "--out", str(tmp_path)]) == 2
     one_line_error(capsys.readouterr().err, str(tmp_path), "evaluate.py or explain.py")
     assert not (tmp_path / "last.pt").exists()
+
+
+@pytest.mark.parametrize("existed", [False, True], ids=["new-folder-removed", "existing-folder-kept"])
+def test_a_run_refused_for_its_data_leaves_no_folder_of_its_own(
+    tmp_path, train_flags, one_line_error, capsys, existed
+):
+    import train
+
+    out = tmp_path / "runs" / "mine"
+    if existed:
+        out.mkdir(parents=True)
+    assert train.main(["--data", str(tmp_path / "no-such-data"), *train_flags, "--out", str(out)]) == 2
+    one_line_error(capsys.readouterr().err, "data path not found")
+    assert out.exists() == existed
