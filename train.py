@@ -463,14 +463,16 @@ def results_folder(fabric: Fabric, args: dict, resumed: dict | None) -> Iterator
 def refuse_another_run(out: Path, args: dict, resumed: dict | None) -> None:
     """A folder holding a run is trained in again only by --overwrite or by that run's --resume."""
     last = out / results.LAST
-    if last.exists() and resumed is None and not args.get("overwrite"):
+    if not last.exists():
+        return
+    if resumed is None and not args.get("overwrite"):
         raise UsageError(f"{last} exists: {what_to_do_with(last)}")
-    if last.exists() and resumed and out.resolve() != Path(args["resume"]).resolve().parent:
+    if resumed and out.resolve() != Path(args["resume"]).resolve().parent:
         raise UsageError(
             f"{last} exists: --out {out} holds another run; to continue {args['resume']} elsewhere, "
             "pass a new --out"
         )
-    if last.exists() and resumed and Path(args["resume"]).resolve() != last.resolve():
+    if resumed and Path(args["resume"]).resolve() != last.resolve():
         refuse_rewinding(last, resumed, args["resume"])
 
 
