@@ -169,7 +169,9 @@ def _header(summary: dict, evaluation: dict) -> str:
         if e.get("accuracy") is not None
         else ""
     )
-    setup = ", ".join(f"{k}={v}" for k, v in config.items())
+    # `dataset` names what a run downloads: beside --data it was never used
+    unused = {"dataset"} if config.get("data") else set()
+    setup = ", ".join(f"{k}={v}" for k, v in config.items() if k not in unused)
     return (
         "<h1>cifar-cam report</h1>"
         + run

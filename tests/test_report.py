@@ -265,6 +265,17 @@ def test_header_counts_epochs_in_words(tmp_path: Path, epochs: int, says: str):
     assert says in write_report(str(tmp_path)).read_text(encoding="utf-8")
 
 
+@pytest.mark.parametrize(
+    "data, shows",
+    [(None, "data=None, dataset=cifar100"), ("cifar10-jpg", "data=cifar10-jpg, lr")],
+)
+def test_config_line_names_the_dataset_only_for_a_download(tmp_path: Path, data: str | None, shows: str):
+    """With --data the config's `dataset` (what a run would download) was never used."""
+    config = {"data": data, "dataset": "cifar100", "lr": 0.2}
+    (tmp_path / "summary.json").write_text(json.dumps({"epochs": 1, "config": config}))
+    assert shows in write_report(str(tmp_path)).read_text(encoding="utf-8")
+
+
 @pytest.mark.parametrize("classes, scrolls", [(20, False), (100, True)])
 def test_a_long_per_class_table_scrolls_in_its_own_box(tmp_path: Path, classes: int, scrolls: bool):
     """CIFAR-100's 100 rows would push the confusion matrix and the rest pages down."""
