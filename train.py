@@ -434,11 +434,12 @@ def results_folder(fabric: Fabric, args: dict, resumed: dict | None) -> Iterator
     learns whether it could). Refused when another train.py holds it or when it holds another
     run (a finished one, or with --resume into it, not the run resumed). Nothing in it is
     touched here: clear_folder() does that once the run has passed every check. A folder made
-    here for a run refused before it wrote anything is removed again."""
+    here (with any parents made for it) for a run refused before it wrote anything is removed
+    again."""
     out = out_folder(args, resumed)
     if resumed and args.get("overwrite"):
         raise UsageError("--overwrite would delete the run --resume continues; drop one of them")
-    made_here = not out.exists()
+    made_here = [p for p in (out, *out.parents) if not p.exists()]  # out and the parents made for it
     out.mkdir(parents=True, exist_ok=True)
     try:
         with contextlib.ExitStack() as held:
@@ -456,7 +457,7 @@ def results_folder(fabric: Fabric, args: dict, resumed: dict | None) -> Iterator
             yield out
     except BaseException:
         if made_here and fabric.is_global_zero:
-            remove_if_unused(out)  # a run refused (bad data, say) leaves no empty folder behind
+            remove_if_unused(*made_here)  # a run refused (bad data, say) leaves no empty folder behind
         raise
 
 

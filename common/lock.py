@@ -52,12 +52,14 @@ def hold_folder(folder: Path) -> Iterator[None]:
         yield
 
 
-def remove_if_unused(folder: Path) -> None:
-    """Remove a folder that holds nothing but its lock file (a run made it, then was refused)."""
-    with contextlib.suppress(OSError):
+def remove_if_unused(folder: Path, *parents: Path) -> None:
+    """Remove a folder that holds nothing but its lock file (a run made it, then was refused),
+    then each of `parents` (those made for it, innermost first) while it is left empty."""
+    with contextlib.suppress(OSError):  # a folder not empty stops the walk: its parents are not either
         if [p.name for p in folder.iterdir()] == [LOCK_NAME]:
             (folder / LOCK_NAME).unlink()
-            folder.rmdir()
+            for made in (folder, *parents):
+                made.rmdir()
 
 
 @contextlib.contextmanager

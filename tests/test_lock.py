@@ -87,15 +87,20 @@ def test_a_folder_evaluate_writes_into_is_not_trained_in(
     assert not (tmp_path / "last.pt").exists()
 
 
-@pytest.mark.parametrize("existed", [False, True], ids=["new-folder-removed", "existing-folder-kept"])
+@pytest.mark.parametrize(
+    "existed",
+    [["runs", "mine"], ["runs"], []],
+    ids=["existing-folder-kept", "new-folder-removed", "new-parent-removed"],
+)
 def test_a_run_refused_for_its_data_leaves_no_folder_of_its_own(
     tmp_path, train_flags, one_line_error, capsys, existed
 ):
+    """`--out runs/mine`: the folders the refused run made go again; those there before stay."""
     import train
 
     out = tmp_path / "runs" / "mine"
     if existed:
-        out.mkdir(parents=True)
+        tmp_path.joinpath(*existed).mkdir(parents=True)
     assert train.main(["--data", str(tmp_path / "no-such-data"), *train_flags, "--out", str(out)]) == 2
     one_line_error(capsys.readouterr().err, "data path not found")
-    assert out.exists() == existed
+    assert [out.parent.exists(), out.exists()] == [len(existed) >= 1, len(existed) == 2]
