@@ -99,7 +99,7 @@ class TrainConfig:
     lr_end: float = 0.0  # the last step's lr, as a share of the peak
     weight_decay: float = 5e-4
     decay_norms: bool = True  # weight decay on BatchNorm weights and on biases too
-    norm_bias_lr: float = 1.0  # the BatchNorm biases' lr, as a multiple of the others'
+    norm_bias_lr: float = 4.0  # the BatchNorm biases' lr, as a multiple of the others' (airbench's)
     momentum: float = 0.9
     label_smoothing: float = 0.1
     cutout: int = 0
@@ -214,6 +214,7 @@ LEGACY = {
     "lr_end": 1 / 4000,
     "decay_norms": True,
     "dataset": "cifar10",
+    "norm_bias_lr": 1.0,
 }
 RESUME_FREE = {"dist_timeout", "logger"}  # may change on --resume
 

@@ -131,7 +131,7 @@ def test_norm_biases_follow_the_schedule_at_their_multiple_of_the_lr(scale, deca
     "recipe",
     [
         pytest.param([], id="default"),
-        pytest.param(["--norm-bias-lr", "4"], id="norm-bias-lr"),
+        pytest.param(["--norm-bias-lr", "1"], id="norm-biases-at-the-lr"),
         # 6 steps an epoch: epoch 1 ends after a sync, off the slow weights that last.pt keeps
         pytest.param(["--lookahead", "--batch-size", "10"], id="lookahead"),
     ],
@@ -442,7 +442,9 @@ def test_a_checkpoint_from_before_the_restructuring_resumes(
     """last.pt as the earlier train.py wrote it: a OneCycleLR schedule, the epoch's running sums
     as a list, a config without the newer settings, no `scored`, epochs without `score_s`."""
     ctrl_c_at(5)
-    assert train.main(["--data", str(tiny_folder), *train_flags, "--out", str(tmp_path)]) == 130
+    # BatchNorm biases at the lr of the rest, as every run before --norm-bias-lr
+    old = ["--data", str(tiny_folder), *train_flags, "--norm-bias-lr", "1", "--out", str(tmp_path)]
+    assert train.main(old) == 130
     monkeypatch.undo()
     state = torch.load(tmp_path / "last.pt", weights_only=True)
     one_cycle = torch.optim.lr_scheduler.OneCycleLR(
@@ -456,7 +458,7 @@ def test_a_checkpoint_from_before_the_restructuring_resumes(
         scheduler=one_cycle.state_dict(),
         partial=[partial[k] for k in ("loss", "correct", "images", "seconds")],
     )
-    for key in ("warmup", "lr_start", "lr_end", "decay_norms", "dataset", "logger"):
+    for key in ("warmup", "lr_start", "lr_end", "decay_norms", "norm_bias_lr", "dataset", "logger"):
         del state["config"][key]
     del state["scored"]
     assert len(state["history"]) == 1
