@@ -465,7 +465,8 @@ def test_a_checkpoint_from_before_the_restructuring_resumes(
     del state["history"][0]["score_s"]
     torch.save(state, tmp_path / "last.pt")
     assert train.main(["--resume", str(tmp_path / "last.pt")]) == 0
-    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 2
+    resumed = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert resumed["epoch"] == 2 and resumed["config"]["norm_bias_lr"] == 1.0
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
     assert [r["score_s"] != "" for r in rows] == [False, True]
     assert json.loads((tmp_path / "summary.json").read_text())["score_s"] is None  # not half a sum
