@@ -139,12 +139,14 @@ def write_predictions(probs: torch.Tensor, labels: torch.Tensor, classes: list[s
 def evaluation_report(
     args, source: str, n: int, m: dict, tta: dict | None, device: str, precision: str, classes: list[str]
 ) -> dict:
-    """What evaluation.json holds."""
+    """What evaluation.json holds. A class the model never predicted has no precision (None),
+    where torchmetrics would report 0."""
+    predicted = m["confusion"].sum(0)  # columns: the predicted class
     per_class = {
         name: {
             "images": int(m["counts"][c]),
             "accuracy": m["per_class_accuracy"][c].item(),
-            "precision": m["precision"][c].item(),
+            "precision": m["precision"][c].item() if predicted[c] else None,
             "recall": m["recall"][c].item(),
         }
         for c, name in enumerate(classes)
@@ -170,11 +172,15 @@ def print_summary(report: dict, m: dict, classes: list[str], pass_s: float, out:
     width = max(len(c) for c in classes)
     print(f"\n{'class':<{width}}  images  accuracy  precision  recall")
     for c, name in enumerate(classes):
+        precision = report["per_class"][name]["precision"]
         print(
             f"{name:<{width}}  {int(m['counts'][c]):>6}  {100 * m['per_class_accuracy'][c]:>7.2f}%  "
-            f"{100 * m['precision'][c]:>8.2f}%  {100 * m['recall'][c]:>5.2f}%"
+            + (f"{100 * precision:>8.2f}%" if precision is not None else f"{'n/a':>9}")
+            + f"  {100 * m['recall'][c]:>5.2f}%"
         )
     print("(a class's accuracy is the share of its images predicted right, i.e. its recall)")
+    if any(r["precision"] is None for r in report["per_class"].values()):
+        print("(precision n/a: the model never predicted that class)")
     n, tta = report["n_images"], report["tta"]
     print(
         f"\ntest accuracy  {100 * report['accuracy']:.2f}%  ({round(report['accuracy'] * n):,}/{n:,}), "

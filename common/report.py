@@ -203,6 +203,7 @@ def _training(folder: Path, monitor: str) -> str:
 
 def _test_set(folder: Path, evaluation: dict) -> str:
     per_class = evaluation.get("per_class")
+    never = "never predicted"  # evaluate.py's precision None: the model never predicted the class
     table = ""
     if isinstance(per_class, dict) and per_class:
         table = _table(
@@ -211,7 +212,9 @@ def _test_set(folder: Path, evaluation: dict) -> str:
                 [
                     _text(name),
                     _fmt(m.get("images"), "{:,.0f}"),
-                    *(_fmt(m.get(k), "%") for k in ("accuracy", "precision", "recall")),
+                    _fmt(m.get("accuracy"), "%"),
+                    never if "precision" in m and m["precision"] is None else _fmt(m.get("precision"), "%"),
+                    _fmt(m.get("recall"), "%"),
                 ]
                 for name, m in per_class.items()
                 if isinstance(m, dict)

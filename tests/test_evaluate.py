@@ -1,6 +1,7 @@
 import csv
 import json
 import shutil
+import types
 
 import pytest
 import torch
@@ -135,3 +136,19 @@ def test_the_same_names_in_another_order_are_relabelled_not_refused(trained_run,
     assert torch.equal(reordered.images, torch.cat(by_class))
     names = [plain.classes[k] for k in plain.labels]
     assert [reordered.classes[k] for k in reordered.labels] == sorted(names, key=state["classes"].index)
+
+
+def test_a_class_never_predicted_has_no_precision_not_zero(tmp_path, capsys):
+    """Precision is undefined for a class with no predictions; torchmetrics says 0."""
+    probs = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.8, 0.0], [0.6, 0.3, 0.1], [0.3, 0.6, 0.1]])
+    labels = torch.tensor([0, 1, 2, 2])  # class 2 is never predicted
+    m = {**evaluate.class_metrics(probs, labels, 3), "temperature": None, "ece_calibrated": None}
+    classes = ["cat", "dog", "frog"]
+    report = evaluate.evaluation_report(
+        types.SimpleNamespace(ckpt="best.pt"), "tiny", 4, m, None, "cpu", "32-true", classes
+    )
+    assert [report["per_class"][c]["precision"] for c in classes] == [0.5, 0.5, None]
+    json.dumps(report, allow_nan=False)  # plain JSON: null, not NaN
+    evaluate.print_summary({**report, "total_s": 1.0}, m, classes, 1.0, tmp_path)
+    frog = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("frog"))
+    assert frog.split() == ["frog", "2", "0.00%", "n/a", "0.00%"]

@@ -402,3 +402,11 @@ def test_every_card_shows_the_map_its_pressed_buttons_name(full_run: Path, brows
         "pred",
         "contrast",
     ]
+
+
+def test_a_class_never_predicted_shows_so_not_a_precision(tmp_path: Path):
+    rows = {"cat": {"images": 2, "accuracy": 1.0, "precision": 0.5, "recall": 1.0}}
+    rows["frog"] = {"images": 2, "accuracy": 0.0, "precision": None, "recall": 0.0}
+    (tmp_path / "evaluation.json").write_text(json.dumps({"accuracy": 0.5, "per_class": rows}))
+    text = write_report(str(tmp_path)).read_text(encoding="utf-8")
+    assert "<td>50.00%</td>" in text and "<td>never predicted</td>" in text
