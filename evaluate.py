@@ -170,13 +170,13 @@ def evaluation_report(
 
 def print_summary(report: dict, m: dict, classes: list[str], pass_s: float, out: Path) -> None:
     width = max(len(c) for c in classes)
-    print(f"\n{'class':<{width}}  images  accuracy  precision  recall")
+    print(f"\n{'class':<{width}}  images  accuracy  precision   recall")  # each column as wide as 100.00%
     for c, name in enumerate(classes):
         precision = report["per_class"][name]["precision"]
         print(
             f"{name:<{width}}  {int(m['counts'][c]):>6}  {100 * m['per_class_accuracy'][c]:>7.2f}%  "
             + (f"{100 * precision:>8.2f}%" if precision is not None else f"{'n/a':>9}")
-            + f"  {100 * m['recall'][c]:>5.2f}%"
+            + f"  {100 * m['recall'][c]:>6.2f}%"
         )
     print("(a class's accuracy is the share of its images predicted right, i.e. its recall)")
     if any(r["precision"] is None for r in report["per_class"].values()):
