@@ -5,8 +5,8 @@
 
 The original CIFAR-10 is not on this machine, so the copy's cost (JPEG quality 75, colour at
 4:2:0) cannot be measured against it. This writes the copy again with the same compression, on a
-block grid moved by 3 px (odd, so the colour's 2x2 pairs move too, and the pass is not
-undone by the first one's rounding): every image is reflect-padded to 40x40 (3 px top and left,
+block grid moved by 3 px (odd, so the colour's 2x2 pairs move too; on the copy's own grid a
+second pass changes almost nothing): every image is reflect-padded to 40x40 (3 px top and left,
 5 px bottom and right), saved at quality 75 with 4:2:0, decoded and cropped back to its 32x32.
 Training the same recipe on both copies gives what a second pass costs; a first pass, on
 sharper images with more to lose, is expected to cost at least as much (expected, not shown).
