@@ -75,6 +75,7 @@ from common.report import write_report
 
 BATCH = 128  # the default global batch on a full training set (benchmarks/recipes.md)
 LR_PER_BATCH = 0.2  # the default peak lr at that batch, scaled with the square root of the batch
+WHITEN_IMAGES = 5000  # at most this many training images' patches measure --whiten-stem (airbench's)
 MIN_STEPS = 50  # optimizer steps per epoch below which the default batch is halved
 REFRESH_EVERY = 10  # steps between progress-bar refreshes on a GPU, the only host syncs in an epoch
 LOGGERS = ("csv", "tensorboard", "none")
@@ -118,6 +119,7 @@ class TrainConfig:
     dist_timeout: int = 300
     ema: float = 0.0
     lookahead: bool = False
+    whiten_stem: bool = False  # start conv1 as a whitening of the training images' 3x3 patches
     logger: str = "csv"  # live logs: csv, tensorboard or none
 
     def __post_init__(self) -> None:
@@ -317,6 +319,13 @@ def parse_args(argv: list[str] | None) -> dict:
         action=argparse.BooleanOptionalAction,
         help="every 5 steps pull the weights back toward a slow average of themselves, harder as the "
         f"run goes on (airbench's lookahead; default {'on' if d.lookahead else 'off'})",
+    )
+    recipe.add_argument(
+        "--whiten-stem",
+        action=argparse.BooleanOptionalAction,
+        help="start the stem's 3x3 convolution as a whitening of the training images' 3x3 patches: "
+        "54 of its 64 filters are the patches' principal directions, each + and -, scaled by "
+        f"1/sqrt(variance) (airbench's init; default {'on' if d.whiten_stem else 'off'})",
     )
     recipe.add_argument("--seed", type=int, help=f"random seed (default {d.seed})")
     run = p.add_argument_group("the run")
@@ -579,6 +588,26 @@ def one_cycle(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+@torch.no_grad()
+def whiten_stem(conv: torch.nn.Conv2d, images: torch.Tensor, eps: float = 5e-4) -> None:
+    """Set the first 2 x C*k*k filters of `conv` (C channels in, k x k) to the eigenvectors
+    of the second-moment matrix of the k x k patches of `images` (normalised, N,C,H,W), each
+    scaled by 1/sqrt(eigenvalue + eps), and to their negatives: each output channel then sees
+    one principal direction of the patches at unit variance, the largest first (KellerJordan/
+    airbench's whitening init, there frozen, here trained). Filters past 2 x C*k*k keep theirs
+    (the stem has 64 for a 3x3x3 patch's 27 dimensions)."""
+    k = conv.kernel_size
+    dims = images.shape[1] * k[0] * k[1]
+    moment, count = torch.zeros(dims, dims, dtype=torch.float64, device=images.device), 0
+    for chunk in images.split(500):  # a chunk's patches at a time, not all 4.5 M of 5,000 images
+        patches = F.unfold(chunk, k).transpose(1, 2).reshape(-1, dims).double()
+        moment, count = moment + patches.T @ patches, count + len(patches)
+    eigenvalues, eigenvectors = torch.linalg.eigh(moment / count)
+    filters = (eigenvectors / (eigenvalues + eps).sqrt()).T.flip(0)  # one a row, largest first
+    filters = filters.reshape(dims, *conv.weight.shape[1:]).to(conv.weight)
+    conv.weight[: 2 * dims] = torch.cat([filters, -filters])
+
+
 def parameter_groups(net: torch.nn.Module, config: TrainConfig) -> list[dict]:
     """Weight decay on the convolution and linear weights; on BatchNorm weights and on
     biases only with `decay_norms` (they set scales and offsets, which decay only shrinks).
@@ -683,7 +712,12 @@ class Training:
 
 def build_training(fabric: Fabric, config: TrainConfig, data: TrainingData, out: Path) -> Training:
     fabric.seed_everything(config.seed, verbose=False)
-    net = build_model(len(data.train.classes)).to(memory_format=torch.channels_last)
+    mean, std = (torch.tensor(v, device=fabric.device) for v in (data.mean, data.std))
+    net = build_model(len(data.train.classes)).to(fabric.device)
+    if config.whiten_stem:  # every k-th image, so that every class is in: folders are read class by class
+        sample = data.train.images[:: math.ceil(len(data.train) / WHITEN_IMAGES)]
+        whiten_stem(net.conv1, normalize(sample, mean, std))
+    net = net.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(
         parameter_groups(net, config), lr=config.lr, momentum=config.momentum, nesterov=True
     )
@@ -693,7 +727,6 @@ def build_training(fabric: Fabric, config: TrainConfig, data: TrainingData, out:
     model, optimizer = fabric.setup(torch.compile(net) if config.compile else net, optimizer)
     ema = WeightAverage(net, config.ema) if config.ema else None
     lookahead = Lookahead(net, total_steps) if config.lookahead else None
-    mean, std = (torch.tensor(v, device=fabric.device) for v in (data.mean, data.std))
     return Training(
         fabric=fabric,
         config=config,
@@ -1218,6 +1251,7 @@ def print_plan(
         f"label smoothing {c.label_smoothing}, "
         f"crops padded by {c.crop_pad}px ({c.padding}), cutout {c.cutout}px, {c.flip} flips"
         f"{f', EMA of the weights {c.ema}' if c.ema else ''}{', lookahead' if c.lookahead else ''}"
+        f"{', stem whitened' if c.whiten_stem else ''}"
     )
     p("model     CIFAR ResNet-18, parameters per module:\n" + "\n".join(summary_lines(t.net)))
     if chosen:

@@ -253,6 +253,27 @@ def test_lookahead_pulls_the_weights_back_every_5_steps_and_at_the_last():
     assert 0 < fast < 12  # the run ends on the slow weights, short of the last fast ones
 
 
+def test_whitened_stem_sees_each_principal_direction_of_the_patches_at_unit_variance():
+    """--whiten-stem: over the images it was measured on, the stem's first 27 channels (one per
+    dimension of a 3x3x3 patch) are uncorrelated at unit variance, largest direction first,
+    the next 27 are their negatives, and the last 10 filters keep their random start."""
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(40, 3, 36, 36, generator=g)
+    images = torch.nn.functional.avg_pool2d(noise, 5, stride=1)  # 32x32, neighbouring pixels correlated
+    images = images + 0.5 * images.mean(1, keepdim=True)  # and the channels too
+    conv = torch.nn.Conv2d(3, 64, 3, bias=False)  # no padding: the patches the init measured
+    rest = conv.weight[54:].clone()
+    train.whiten_stem(conv, images, eps=0.0)
+    with torch.no_grad():
+        out = conv(images).transpose(0, 1).flatten(1).double()
+    moment = out[:27] @ out[:27].T / out.shape[1]
+    torch.testing.assert_close(moment, torch.eye(27, dtype=torch.float64), atol=2e-3, rtol=0)
+    torch.testing.assert_close(out[27:54], -out[:27])
+    assert torch.equal(conv.weight[54:], rest)
+    norms = conv.weight[:27].flatten(1).norm(dim=1)
+    assert norms[0] < norms[26]  # the largest direction first: it needs the smallest filter
+
+
 def test_ema_weights_are_saved_under_their_own_key(
     tmp_path, tiny_folder, trained_run, train_flags, same_weights, capsys
 ):
